@@ -1,0 +1,5 @@
+"""Allow ``python -m mailrelay``."""
+
+from mailrelay.cli import main
+
+raise SystemExit(main())

@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 from mailrelay.config import EX_CONFIG, Config, ConfigError, load_config
+from mailrelay.imap.poller import ImapPoller
 from mailrelay.intake import Intake
 from mailrelay.logs import get_logger, setup_logging
 from mailrelay.sdnotify import notify, watchdog_interval
@@ -44,6 +45,7 @@ class Daemon:
         self.limiter = ConnectionLimiter(config.smtp.max_connections)
         self.workers: DeliveryWorkers | None = None
         self.extra_tasks: list[asyncio.Task[None]] = []
+        self.pollers: dict[ImapPoller, asyncio.Task[None]] = {}
 
     def _load_users(self, config: Config) -> dict[str, User]:
         path = config.smtp.auth.users_file
@@ -88,6 +90,7 @@ class Daemon:
         self.workers = DeliveryWorkers(store, config, make_deliverer_factory(config, hostname),
                                        hostname)
         self.workers.start()
+        self._start_pollers(config)
         self._install_signals()
         log.info("started", listen=[str(a) for a in config.smtp.listen],
                  database=str(config.database), requeued=requeued,
@@ -110,9 +113,26 @@ class Daemon:
         await self.limiter.close_all(asyncio.get_running_loop().time() + deadline)
         if self.workers is not None:
             await self.workers.stop(max(1.0, deadline - (time.monotonic() - started)))
+        await self._stop_pollers()
         for task in self.extra_tasks:
             task.cancel()
         await asyncio.gather(*self.extra_tasks, return_exceptions=True)
+
+    def _start_pollers(self, config: Config) -> None:
+        """One supervisor per account and mailbox; they never stop the SMTP side."""
+        assert self.store is not None
+        for account in config.imap.accounts:
+            for mailbox in account.mailboxes:
+                poller = ImapPoller(self.store, account, mailbox)
+                self.pollers[poller] = asyncio.create_task(
+                    poller.run_forever(), name=f"imap-{account.name}-{mailbox}")
+
+    async def _stop_pollers(self) -> None:
+        tasks = list(self.pollers.values())
+        self.pollers.clear()
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
 
     def _install_signals(self) -> None:
         loop = asyncio.get_running_loop()
@@ -146,8 +166,12 @@ class Daemon:
             self.intake.reload(new.policy)
         if self.handler is not None:
             self.handler.config = new
+        imap_changed = new.imap != self.config.imap
         self.config = new
-        log.info("reloaded", restart_needed=restart_needed or None)
+        if imap_changed:
+            await self._stop_pollers()
+            self._start_pollers(new)
+        log.info("reloaded", restart_needed=restart_needed or None, imap_restarted=imap_changed)
 
     async def _watchdog(self) -> None:
         interval = watchdog_interval()

@@ -14,7 +14,7 @@ from typing import Any
 
 import yaml
 
-from tests.sink import free_port
+from sink import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 

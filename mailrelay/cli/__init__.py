@@ -11,12 +11,19 @@ import sys
 from collections.abc import Sequence
 
 from mailrelay import __version__
-from mailrelay.cli import blocklist, daemon_cmds, poll_cmds, queue_cmds
+from mailrelay.cli import (
+    blocklist,
+    daemon_cmds,
+    poll_cmds,
+    policy_cmds,
+    queue_cmds,
+    status_cmds,
+)
 from mailrelay.cli.common import EX_OK, EX_USER, UserError, load, print_json
 from mailrelay.config import effective_config
 
 #: Subcommand modules; each has ``add_parser(sub)`` and sets ``handler(args, config)``.
-COMMANDS = [daemon_cmds, blocklist, queue_cmds, poll_cmds]
+COMMANDS = [daemon_cmds, blocklist, queue_cmds, policy_cmds, poll_cmds, status_cmds]
 
 
 def _check_config(args: argparse.Namespace) -> int:

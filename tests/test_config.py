@@ -160,9 +160,6 @@ def test_inline_password_is_never_echoed() -> None:
     assert SECRET not in "\n".join(found)
 
 
-@pytest.mark.xfail(strict=True, reason="bug: ListenAddress.port has no range check, so the "
-                   "mapping form {host: ..., port: 70000} (or {address: ..., port: 0}) of "
-                   "smtp.listen / metrics.listen is accepted (config.py ListenAddress.port)")
 @pytest.mark.parametrize("listen", [
     {"host": "127.0.0.1", "port": 70000},
     {"address": "127.0.0.1:2525", "port": 0},

@@ -180,9 +180,6 @@ async def test_newer_database_is_refused_and_not_modified(db_path: Path) -> None
     assert blocklist_keys(db_path) == [buyer(1)]
 
 
-@pytest.mark.xfail(strict=True, reason="bug: store/db.py _connect() runs PRAGMA journal_mode=WAL "
-                   "before Database.open checks user_version, so a newer database in rollback-"
-                   "journal mode is switched to WAL (file header changed) before being refused")
 async def test_newer_rollback_journal_database_is_not_modified(db_path: Path) -> None:
     """A newer database that is not in WAL mode is refused without being switched to WAL."""
     db_path.parent.mkdir(parents=True)
@@ -213,20 +210,10 @@ async def test_failed_migration_leaves_database_as_it_was(tmp_path: Path) -> Non
     assert schema_of(path) == before
 
 
-async def test_garbage_file_is_refused(db_path: Path) -> None:
-    """A file that is not SQLite is refused with StoreError and left alone."""
-    db_path.parent.mkdir(parents=True)
-    db_path.write_bytes(b"this is not a database\n" * 100)
-    before = file_digest(db_path)
-    with pytest.raises(StoreError, match="cannot open database"):
-        await Store.open(db_path)
-    assert file_digest(db_path) == before
-
-
 # --- concurrency -------------------------------------------------------------------------------
 
 async def test_two_stores_write_concurrently(db_path: Path) -> None:
-    """Two Store objects on one file, many concurrent writes each: every row lands, no lock error."""
+    """Two Stores on one file, many concurrent writes each: every row lands, no lock error."""
     first, second = await Store.open(db_path), await Store.open(db_path)
     try:
         async def one_by_one(store: Store, base: int) -> list[str]:
@@ -374,9 +361,6 @@ async def test_group_commit(store: Store, db_path: Path) -> None:
     assert {r[0] for r in sql(db_path, "SELECT id FROM queue")} == set(ids)
 
 
-@pytest.mark.xfail(strict=True, reason="bug: store/queue.py QueueRepo._flush fails every message "
-                   "in a group commit when one of them cannot be inserted (e.g. a duplicate "
-                   "recipient), so innocent concurrent SMTP sessions get an error too")
 async def test_one_bad_message_does_not_fail_its_group(store: Store) -> None:
     """A message that cannot be stored fails alone; the others committed with it succeed."""
     results = await asyncio.gather(
@@ -464,7 +448,7 @@ async def test_record_attempt_partial(store: Store) -> None:
     assert message is not None and message.raw == raw_message(1)
     assert rcpt_states(message) == {"ok@example.com": "sent", "later@example.com": "deferred",
                                     "bad@example.com": "failed"}
-    [again] = await store.queue.claim_due(T0 + 60)
+    assert [m.id for m in await store.queue.claim_due(T0 + 60)] == [qid]
     # A later attempt cannot overwrite recipients already settled.
     state = await store.queue.record_attempt(qid, [
         Attempt("ok@example.com", "failed", "should be ignored"),

@@ -8,7 +8,6 @@ import sys
 
 from mailrelay.cli.common import EX_OK, UserError, load
 from mailrelay.config import resolve_config_path
-from mailrelay.smtp.auth import UsersFileError, set_password
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -40,6 +39,8 @@ def _read_password(from_stdin: bool) -> str:
 
 
 def _passwd(args: argparse.Namespace) -> int:
+    from mailrelay.smtp.auth import UsersFileError, set_password  # argon2: only when needed
+
     config = load(args)
     path = config.smtp.auth.users_file
     if path is None:

@@ -30,18 +30,23 @@ class StoreError(Exception):
 
 async def _connect(path: Path) -> aiosqlite.Connection:
     conn = await aiosqlite.connect(path, isolation_level=None)
-    conn.row_factory = sqlite3.Row
-    await conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
-    version = await _schema_version(conn)
-    if version > SCHEMA_VERSION:  # refuse before touching the file (WAL changes its header)
+    try:
+        conn.row_factory = sqlite3.Row
+        await conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+        version = await _schema_version(conn)
+        if version > SCHEMA_VERSION:  # refuse before touching the file (WAL changes its header)
+            raise StoreError(
+                f"database schema version {version} is newer than this mailrelay understands "
+                f"({SCHEMA_VERSION}): upgrade mailrelay"
+            )
+        await conn.execute("PRAGMA journal_mode = WAL")
+        await conn.execute("PRAGMA synchronous = FULL")
+        await conn.execute("PRAGMA foreign_keys = ON")
+    except BaseException:
+        # aiosqlite's worker thread is not a daemon thread: an unclosed connection would keep
+        # the process alive after the error has been reported.
         await conn.close()
-        raise StoreError(
-            f"database schema version {version} is newer than this mailrelay understands "
-            f"({SCHEMA_VERSION}): upgrade mailrelay"
-        )
-    await conn.execute("PRAGMA journal_mode = WAL")
-    await conn.execute("PRAGMA synchronous = FULL")
-    await conn.execute("PRAGMA foreign_keys = ON")
+        raise
     return conn
 
 
@@ -97,7 +102,10 @@ class Database:
             raise
         try:
             if migrate_schema:
-                await migrate(writer)
+                try:
+                    await migrate(writer)
+                except sqlite3.Error as exc:
+                    raise StoreError(f"cannot migrate database {path}: {exc}") from None
             elif await _schema_version(writer) > SCHEMA_VERSION:
                 await migrate(writer, 0)  # raises the "newer than this code" error
             reader = await _connect(path)

@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 
 from mailrelay.config import Policy
-from mailrelay.policy.addresses import parse_buyer_address
+from mailrelay.policy.addresses import BuyerAddress, parse_buyer_address
 from mailrelay.policy.classify import BuyerMessageRef, Verdict, classify
 from mailrelay.policy.decide import Action, Decision, decide, reject_reply
 from mailrelay.policy.message import MessageView, view_message
@@ -101,6 +101,7 @@ class Intake:
         self.internal_headers = frozenset({policy.class_header.lower()})
 
     async def plan(self, envelope: Envelope, now: float) -> IntakePlan:
+        """What to queue (and audit) for ``envelope``; reads the store, writes nothing."""
         raw = remove_headers(envelope.raw, self.internal_headers)
         buyers = {r: parse_buyer_address(r, self.extra_domains) for r in envelope.rcpt_tos}
         message_ids = header_values(envelope.raw, "message-id")
@@ -109,37 +110,53 @@ class Intake:
             plan.variants.append(Variant(raw, tuple(NewRecipient(r) for r in envelope.rcpt_tos)))
             return plan
         view = await asyncio.to_thread(view_message, envelope.raw)
-        keys = {b.key for b in buyers.values() if b}
-        blocked = await self.store.optout.blocked(keys)
         opted_orders = await self.store.optout.opted_out_orders(view.order_ids)
-        records = await self.store.optout.buyer_messages(keys)
-        records += await self.store.optout.buyer_messages_by_id(
-            [*view.references, *([view.in_reply_to] if view.in_reply_to else [])])
-        override = self._override(view, envelope.trusted)
+        decided = await self._decide(envelope, buyers, view, opted_orders)
         unchanged: list[NewRecipient] = []
         tagged: dict[str, tuple[BuyerMessageRef, list[NewRecipient]]] = {}
         held: list[NewRecipient] = []
         for rcpt in envelope.rcpt_tos:
-            buyer = buyers[rcpt]
-            if buyer is None:
+            if rcpt not in decided:
                 unchanged.append(NewRecipient(rcpt))
                 continue
-            refs = [to_ref(r) for r in records if r.buyer_key == buyer.key]
-            verdict = classify(view, refs, self.rules, self.policy.default_class, override)
-            opted_out = buyer.key in blocked or bool(opted_orders)
-            decision = decide(rcpt, buyer.key, opted_out, verdict, self.policy.mode,
-                              self.policy.on_drop)
+            decision, verdict = decided[rcpt]
             plan.decisions.append(decision)
-            plan.audits.append(self._audit(decision, verdict, opted_out, opted_orders, plan, now))
-            recipient = NewRecipient(rcpt, buyer_key=buyer.key, cls=verdict.cls)
+            plan.audits.append(self._audit(decision, verdict, opted_orders, plan, now))
+            recipient = NewRecipient(rcpt, buyer_key=decision.buyer_key, cls=verdict.cls)
             self._route(decision, verdict, recipient, unchanged, tagged, held)
             if decision.action in (Action.DELIVER, Action.TAG_AND_DELIVER):
                 plan.relayed.append(RelayedRecord(
-                    buyer.key, view.order_ids[0] if view.order_ids else None,
+                    recipient.buyer_key or "", view.order_ids[0] if view.order_ids else None,
                     plan.message_id, now))
         self._assemble(plan, raw, unchanged, tagged, held)
         plan.reject = reject_reply(plan.decisions) if not plan.variants else None
         return plan
+
+    async def _decide(self, envelope: Envelope, buyers: dict[str, BuyerAddress | None],
+                      view: MessageView, opted_orders: set[str],
+                      ) -> dict[str, tuple[Decision, Verdict]]:
+        """The decision and verdict for every buyer recipient, keyed by recipient."""
+        keys = {b.key for b in buyers.values() if b}
+        blocked = await self.store.optout.blocked(keys)
+        records = await self.store.optout.buyer_messages(keys)
+        records += await self.store.optout.buyer_messages_by_id(
+            [*view.references, *([view.in_reply_to] if view.in_reply_to else [])])
+        override = self._override(view, envelope.trusted)
+        decided: dict[str, tuple[Decision, Verdict]] = {}
+        for rcpt, buyer in buyers.items():
+            if buyer is None:
+                continue
+            refs = [to_ref(r) for r in records if r.buyer_key == buyer.key]
+            verdict = classify(view, refs, self.rules, self.policy.default_class, override,
+                               self.policy.class_header)
+            opted_out = buyer.key in blocked or bool(opted_orders)
+            decided[rcpt] = decide(rcpt, buyer.key, opted_out, verdict, self.policy.mode,
+                                   self.policy.on_drop), verdict
+        everyone = len(decided) == len(envelope.rcpt_tos) and all(
+            d.would_action is Action.REJECT for d, _ in decided.values())
+        if not everyone:
+            decided = {r: (_reject_as_discard(d), v) for r, (d, v) in decided.items()}
+        return decided
 
     def _override(self, view: MessageView, trusted: bool) -> str | None:
         if not trusted:
@@ -177,17 +194,31 @@ class Intake:
         if held:
             plan.variants.append(Variant(raw, tuple(held)))
 
-    def _audit(self, decision: Decision, verdict: Verdict, opted_out: bool,
-               opted_orders: set[str], plan: IntakePlan, now: float) -> AuditRecord:
+    def _audit(self, decision: Decision, verdict: Verdict, opted_orders: set[str],
+               plan: IntakePlan, now: float) -> AuditRecord:
         notes = [decision.reason]
         if opted_orders:
             notes.append(f"names opted-out order {', '.join(sorted(opted_orders))}")
         if verdict.important_tag_seen:
             notes.append("[Important]-style subject tag seen (it overrides nothing)")
-        if self.policy.mode == "monitor" and decision.would_action != decision.action:
-            notes.append(f"enforce would {decision.would_action}")
         return AuditRecord(
             action=str(decision.action), at=now, message_id=plan.message_id,
             recipient=decision.recipient, buyer_key=decision.buyer_key, cls=verdict.cls,
             rule=verdict.rule, mode=self.policy.mode, reason="; ".join(n for n in notes if n),
         )
+
+
+_NOT_ALONE = "the message also goes to other recipients, and a 550 would refuse it for them too"
+
+
+def _reject_as_discard(decision: Decision) -> Decision:
+    """A reject when not every recipient is rejected: one SMTP reply covers the whole DATA, so
+    the message is accepted for the others and dropped for this one, i.e. discarded. Saying so
+    keeps the audit log and ``mailrelay classify`` true to what happens."""
+    if decision.would_action is not Action.REJECT:
+        return decision
+    if decision.action is Action.REJECT:
+        return replace(decision, action=Action.DISCARD, would_action=Action.DISCARD,
+                       reason=f"{decision.reason}; discarded, not rejected: {_NOT_ALONE}")
+    return replace(decision, would_action=Action.DISCARD,
+                   reason=f"{decision.reason}; enforce would discard, not reject: {_NOT_ALONE}")

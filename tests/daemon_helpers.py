@@ -13,7 +13,6 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-
 from sink import free_port
 
 ROOT = Path(__file__).resolve().parents[1]

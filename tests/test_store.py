@@ -573,8 +573,9 @@ async def test_block_cancels_only_pending_noncritical_mail(store: Store) -> None
 
     result = await store.optout.block(key, "manual", "test", now=T0 + 1)
     assert result.new is True
+    # The message in flight is cancelled too: a deferred outcome must not be retried.
     assert sorted(result.cancelled) == sorted([(noncrit, alias), (deferred, alias),
-                                               (mixed, alias)])
+                                               (in_flight, alias), (mixed, alias)])
 
     async def state(qid: str) -> tuple[str, dict[str, str]]:
         message = await store.queue.get(qid)
@@ -584,11 +585,15 @@ async def test_block_cancels_only_pending_noncritical_mail(store: Store) -> None
     assert await state(noncrit) == ("cancelled", {alias: "cancelled"})
     assert await state(deferred) == ("cancelled", {alias: "cancelled"})
     assert await state(critical) == ("queued", {alias: "queued"})
-    assert await state(in_flight) == ("sending", {alias: "queued"})
+    assert await state(in_flight) == ("sending", {alias: "cancelled"})
     assert await state(mixed) == ("queued", {alias: "cancelled", other: "queued"})
     assert await state(others) == ("queued", {other: "queued"})
     actions = [e["action"] for e in await store.audit_log(buyer_key=key)]
-    assert actions.count("cancel") == 3 and actions.count("block") == 1
+    assert actions.count("cancel") == 4 and actions.count("block") == 1
+    # The attempt in flight comes back deferred: no retry; had it been sent, the record says so.
+    await store.queue.record_attempt(in_flight, [Attempt(alias, "deferred", "451")], T0 + 3,
+                                     T0 + 60)
+    assert await state(in_flight) == ("cancelled", {alias: "cancelled"})
 
     again = await store.optout.block(key, "manual", "again", now=T0 + 2)
     assert again.new is False and again.cancelled == ()
@@ -723,3 +728,16 @@ def test_data_intact_after_sigkill(db_path: Path) -> None:
     orphans = sql(db_path, "SELECT count(*) FROM queue q WHERE NOT EXISTS "
                            "(SELECT 1 FROM queue_rcpt r WHERE r.queue_id = q.id)")
     assert orphans == [(0,)]
+
+
+async def test_cancelled_in_flight_but_delivered_is_recorded_as_sent(store: Store) -> None:
+    """A recipient cancelled while its attempt was under way, which the attempt delivered, is
+    recorded as sent: the record says what happened to the mail."""
+    key = buyer(1)
+    [qid] = await store.queue.enqueue(
+        [new_message(1, (key,), cls="non-critical", buyer_keys=(key,))], now=T0)
+    [claimed] = await store.queue.claim_due(T0)
+    assert (await store.optout.block(key, "manual", "test", now=T0 + 1)).cancelled == (
+        (qid, key),)
+    state = await store.queue.record_attempt(claimed.id, [Attempt(key, "sent")], T0 + 2, None)
+    assert state == "sent"

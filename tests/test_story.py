@@ -59,7 +59,7 @@ def send(port: int, raw: bytes, to: str = BUYER) -> tuple[int, bytes]:
         return 250, b""
 
 
-async def wait_until(predicate, timeout: float = 15.0, what: str = "condition") -> None:  # noqa: ANN001
+async def wait_until(predicate, timeout: float = 15.0, what: str = "condition") -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if await asyncio.to_thread(predicate):

@@ -14,8 +14,8 @@ from mailrelay import __version__
 from mailrelay.cli import (
     blocklist,
     daemon_cmds,
-    poll_cmds,
     policy_cmds,
+    poll_cmds,
     queue_cmds,
     status_cmds,
 )

@@ -95,8 +95,13 @@ def classify(
     rules: Sequence[Rule],
     default_class: str = "non-critical",
     override: str | None = None,
+    override_header: str = OVERRIDE_HEADER,
 ) -> Verdict:
-    """Classify ``view`` for one buyer; ``buyer_messages`` are that buyer's recorded messages."""
+    """Classify ``view`` for one buyer; ``buyer_messages`` are that buyer's recorded messages.
+
+    ``override_header`` names the header ``override`` came from (``policy.class_header``), so
+    the rule in the audit log is the header the seller's client really set.
+    """
     _check_class(default_class, "default_class")
     if override is not None:
         _check_class(override, "override")
@@ -109,7 +114,7 @@ def classify(
 
     if override is not None:
         reason = f"the sending client marked it {override}"
-        return verdict(override, f"header:{OVERRIDE_HEADER}", reason)
+        return verdict(override, f"header:{override_header}", reason)
     if replied is not None:
         return verdict("critical", "thread:reply", f"reply on the buyer's thread: {replied[1]}")
     hit = first_match(rules, view)

@@ -269,7 +269,12 @@ def _encode_body(text: str, part: Message) -> tuple[bytes, str | None, str | Non
     label = (part.get_content_charset() or "us-ascii").lower()
     charset = None
     try:
-        raw = text.encode(codecs.lookup(label).name)
+        codec = codecs.lookup(label).name
+        # UTF-16/32 bytes hold 0x0A inside characters: re-encoded with line breaks (7bit, QP)
+        # they would be corrupted, so such a part is rewritten in UTF-8 instead.
+        if "\r\n".encode(codec) != b"\r\n":
+            raise LookupError(codec)
+        raw = text.encode(codec)
     except (LookupError, UnicodeEncodeError):
         raw, charset = text.encode("utf-8"), "utf-8"
     cte = (part.get("Content-Transfer-Encoding") or "7bit").strip().lower()

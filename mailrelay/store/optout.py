@@ -35,12 +35,13 @@ async def cancel_noncritical(conn: aiosqlite.Connection, buyer_key: str, now: fl
     tuple[str, str]
 ]:
     """Cancel the buyer's queued non-critical recipients not yet sent; returns what it cancelled."""
+    # Recipients of a message being sent right now are cancelled too: if this attempt is
+    # deferred the retry must not happen (record_attempt keeps "cancelled" unless it was sent).
     placeholders = ",".join("?" * len(PENDING_STATES))
     async with conn.execute(
-        f"SELECT r.queue_id, r.rcpt FROM queue_rcpt r JOIN queue q ON q.id = r.queue_id "
-        f"WHERE r.buyer_key = ? AND r.class = 'non-critical' AND r.state IN ({placeholders}) "
-        f"AND q.state != ?",
-        (buyer_key, *PENDING_STATES, MessageState.SENDING),
+        f"SELECT queue_id, rcpt FROM queue_rcpt WHERE buyer_key = ? "
+        f"AND class = 'non-critical' AND state IN ({placeholders})",
+        (buyer_key, *PENDING_STATES),
     ) as cursor:
         rows = [(r[0], r[1]) for r in await cursor.fetchall()]
     for queue_id, rcpt in rows:

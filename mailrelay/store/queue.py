@@ -180,11 +180,15 @@ class QueueRepo:
                 outcome = attempt.outcome
                 if outcome == MessageState.DEFERRED and retry_at is None:
                     outcome = MessageState.FAILED
+                # A recipient cancelled while this attempt was under way stays cancelled,
+                # unless the attempt did deliver it: then the record must say so.
+                settable = (*PENDING_STATES, *(
+                    (MessageState.CANCELLED,) if outcome == MessageState.SENT else ()))
                 await conn.execute(
                     "UPDATE queue_rcpt SET state = ?, last_error = ?, updated = ? "
-                    "WHERE queue_id = ? AND rcpt = ? AND state IN (?, ?)",
-                    (outcome, attempt.error or None, now, queue_id, attempt.rcpt,
-                     *PENDING_STATES),
+                    f"WHERE queue_id = ? AND rcpt = ? AND state IN "
+                    f"({','.join('?' * len(settable))})",
+                    (outcome, attempt.error or None, now, queue_id, attempt.rcpt, *settable),
                 )
             errors = "; ".join(f"{a.rcpt}: {a.error}" for a in attempts if a.error)
             await conn.execute(

@@ -34,6 +34,9 @@ from mailrelay.store.records import (
 
 log = get_logger("mailrelay.delivery")
 IDLE_POLL = 1.0  # seconds between looks at the queue when nothing woke a worker
+# Messages a worker claims in one transaction: under a backlog this divides the claim cost
+# (a write transaction) by up to this much; with no backlog there is one message to claim.
+CLAIM_BATCH = 4
 AUTH_PAUSE = 300.0
 
 
@@ -92,6 +95,7 @@ class DeliveryWorkers:
         self.on_result = on_result
         self.paused_until = 0.0
         self._stopping = asyncio.Event()
+        self._claim_lock = asyncio.Lock()
         self._tasks: list[asyncio.Task[None]] = []
 
     def start(self) -> None:
@@ -111,26 +115,62 @@ class DeliveryWorkers:
 
     async def _worker(self, number: int) -> None:
         deliverer = self.factory()
-        wakeup = self.store.queue.wakeup
         try:
             while not self._stopping.is_set():
                 now = time.time()
                 if now < self.paused_until:
                     await self._sleep(self.paused_until - now)
                     continue
+                claimed = await self._next_batch()
+                if claimed:
+                    await self._deliver_claimed(deliverer, claimed)
+        finally:
+            await asyncio.shield(deliverer.close())
+
+    async def _next_batch(self) -> list[QueuedMessage]:
+        """Wait for due messages and claim them; [] when stopping or paused.
+
+        One idle worker at a time watches the queue (the others queue up on the lock), so a
+        new message wakes one worker instead of all of them each running an empty claim
+        transaction; a worker that got a full batch hands the watch on at once.
+        """
+        wakeup = self.store.queue.wakeup
+        async with self._claim_lock:
+            while not self._stopping.is_set() and time.time() >= self.paused_until:
+                now = time.time()
                 wakeup.clear()
                 try:
-                    claimed = await self.store.queue.claim_due(now, 1)
+                    claimed = await self.store.queue.claim_due(now, CLAIM_BATCH)
                 except Exception:
                     log.exception("queue_claim_failed")
                     await self._sleep(IDLE_POLL)
                     continue
-                if not claimed:
-                    await self._wait(wakeup)
-                    continue
-                await self._deliver(deliverer, claimed[0])
+                if claimed:
+                    return claimed
+                await self._wait(wakeup, await self._idle_timeout(now))
+        return []
+
+    async def _deliver_claimed(self, deliverer: Deliverer, claimed: list[QueuedMessage]) -> None:
+        """Deliver claimed messages in turn; put back unchanged those not started.
+
+        A stop or an upstream AUTH pause ends the batch early; so does cancellation (the
+        message in hand is released by ``_deliver``, the rest here).
+        """
+        pending = list(claimed)
+        try:
+            while pending and not self._stopping.is_set() and time.time() >= self.paused_until:
+                message = pending.pop(0)
+                try:
+                    await self._deliver(deliverer, message)
+                except Exception:  # a store error (disk full, ...) must not end this worker
+                    log.exception("delivery_failed", queue_id=message.id)
+                    await self._sleep(IDLE_POLL)
         finally:
-            await asyncio.shield(deliverer.close())
+            for message in pending:
+                try:
+                    await asyncio.shield(self.store.queue.release_claim(message.id))
+                except Exception:  # left "sending": requeue_stale puts it back at next start
+                    log.exception("release_claim_failed", queue_id=message.id)
 
     async def _sleep(self, seconds: float) -> None:
         try:
@@ -139,9 +179,23 @@ class DeliveryWorkers:
         except TimeoutError:
             pass
 
-    async def _wait(self, wakeup: asyncio.Event) -> None:
+    async def _idle_timeout(self, now: float) -> float:
+        """Sleep until the next retry is due, but look again at least every IDLE_POLL seconds.
+
+        Without this, a retry was up to IDLE_POLL late; the poll remains because ``mailrelay
+        queue retry`` changes the queue from another process, which cannot set ``wakeup``.
+        """
         try:
-            async with asyncio.timeout(IDLE_POLL):
+            due = await self.store.queue.next_due()
+        except Exception:
+            return IDLE_POLL
+        if due is None:
+            return IDLE_POLL
+        return min(IDLE_POLL, max(due - now, 0.01))
+
+    async def _wait(self, wakeup: asyncio.Event, seconds: float = IDLE_POLL) -> None:
+        try:
+            async with asyncio.timeout(seconds):
                 await wakeup.wait()
         except TimeoutError:
             pass
@@ -149,7 +203,7 @@ class DeliveryWorkers:
     async def _deliver(self, deliverer: Deliverer, message: QueuedMessage) -> None:
         rcpts = [r.rcpt for r in message.recipients if r.state in PENDING_STATES]
         if not rcpts or message.raw is None:
-            await self.store.queue.record_attempt(message.id, [], time.time(), time.time())
+            await self._record_attempt(message.id, [], time.time(), time.time())
             return
         started = time.time()
         try:
@@ -183,8 +237,7 @@ class DeliveryWorkers:
             retry_at = now + delay
         attempts = [Attempt(r.rcpt, r.outcome, "" if r.outcome == "sent" else
                             f"{r.code or ''} {r.message}".strip()) for r in results]
-        state = await asyncio.shield(
-            self.store.queue.record_attempt(message.id, attempts, now, retry_at))
+        state = await self._record_attempt(message.id, attempts, now, retry_at)
         log.info("delivery", queue_id=message.id, mail_from=message.mail_from,
                  rcpts=[r.rcpt for r in results], size=message.size, outcome=state,
                  attempt=message.attempts + 1, retry_at=retry_at,
@@ -195,6 +248,24 @@ class DeliveryWorkers:
                   (r.outcome == "deferred" and retry_at is None)]
         if failed and queue.bounce_to_sender:
             await self._bounce(message, failed, now)
+
+    async def _record_attempt(self, queue_id: str, attempts: list[Attempt], now: float,
+                              retry_at: float | None) -> str:
+        """Store an attempt's outcome, retrying while the database refuses (disk full, locked).
+
+        The upstream has answered already: giving up would leave the message ``sending`` until
+        the next start, and recording "sent" late beats sending it again. A stop ends the wait;
+        ``requeue_stale`` then puts the message back at the next start (at-least-once).
+        """
+        while True:
+            try:
+                return await asyncio.shield(
+                    self.store.queue.record_attempt(queue_id, attempts, now, retry_at))
+            except Exception:
+                if self._stopping.is_set():
+                    raise
+                log.exception("record_attempt_failed", queue_id=queue_id)
+                await self._sleep(IDLE_POLL)
 
     async def _bounce(self, message: QueuedMessage, failed: list[RecipientResult],
                       now: float) -> None:

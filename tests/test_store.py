@@ -741,3 +741,28 @@ async def test_cancelled_in_flight_but_delivered_is_recorded_as_sent(store: Stor
         (qid, key),)
     state = await store.queue.record_attempt(claimed.id, [Attempt(key, "sent")], T0 + 2, None)
     assert state == "sent"
+
+
+async def test_cancelled_writer_waiting_for_a_lock_leaves_no_open_transaction(
+    db_path: Path,
+) -> None:
+    """A write cancelled while its BEGIN waits on another process's lock must not leave the
+    writer inside a transaction: later writes still work once the lock is gone."""
+
+
+    store = await Store.open(db_path)
+    try:
+        holder = sqlite3.connect(db_path, isolation_level=None)
+        holder.execute("BEGIN EXCLUSIVE")
+        task = asyncio.create_task(store.optout.block(buyer(1), "manual", "x", now=T0))
+        await asyncio.sleep(0.5)
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        holder.execute("ROLLBACK")
+        holder.close()
+        result = await store.optout.block(buyer(2), "manual", "y", now=T0 + 1)
+        assert result.new is True
+        assert buyer(2) in await store.optout.blocked([buyer(2)])
+    finally:
+        await store.close()

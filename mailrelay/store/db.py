@@ -10,6 +10,7 @@ is locked" (libraries.md section 5).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import sqlite3
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
@@ -122,7 +123,18 @@ class Database:
     async def write(self) -> AsyncIterator[aiosqlite.Connection]:
         """One ``BEGIN IMMEDIATE`` transaction on the writer; committed when the block ends."""
         async with self._lock:
-            await self._writer.execute("BEGIN IMMEDIATE")
+            begin = asyncio.ensure_future(self._writer.execute("BEGIN IMMEDIATE"))
+            try:
+                await asyncio.shield(begin)
+            except asyncio.CancelledError:
+                # The BEGIN still runs in aiosqlite's thread (it may be waiting out the busy
+                # timeout): end whatever it opens before the lock lets the next writer in,
+                # or every later write would fail "within a transaction".
+                with contextlib.suppress(Exception):
+                    await begin
+                with contextlib.suppress(Exception):
+                    await self._writer.execute("ROLLBACK")
+                raise
             try:
                 yield self._writer
             except BaseException:
@@ -149,8 +161,8 @@ class Database:
     async def check_writable(self) -> bool:
         """True when a write transaction can be opened and committed (for /healthz)."""
         try:
-            async with asyncio.timeout(5), self.write() as conn:
+            async with self.write() as conn:
                 await conn.execute("PRAGMA user_version")
-        except (sqlite3.Error, TimeoutError, OSError):
+        except (sqlite3.Error, OSError):
             return False
         return True

@@ -69,10 +69,10 @@ def _print_list(messages: list[QueuedMessage], as_json: bool) -> None:
     if as_json:
         print_json([message_json(m) for m in messages])
         return
-    rows = [[m.id, m.state, iso(m.created), str(m.size), m.mail_from or "<>",
+    rows = [[m.id, m.state, str(m.attempts), iso(m.created), str(m.size), m.mail_from or "<>",
              ",".join(r.rcpt for r in m.recipients), (m.last_error or "")[:60]]
             for m in messages]
-    print_table(rows, ["id", "state", "created", "size", "from", "to", "last error"])
+    print_table(rows, ["id", "state", "tries", "created", "size", "from", "to", "last error"])
     print(f"{len(messages)} message(s)")
 
 
@@ -81,7 +81,9 @@ async def _show(store: Store, args: argparse.Namespace) -> int:
     if message is None:
         raise UserError(f"no message {args.id} in the queue")
     if args.raw:
-        sys.stdout.buffer.write(message.raw or b"")
+        if message.raw is None:  # the store drops the body once every recipient has it
+            raise UserError(f"message {args.id} is {message.state}: its content is not kept")
+        sys.stdout.buffer.write(message.raw)
         return EX_OK
     if args.json:
         print_json(message_json(message))

@@ -302,6 +302,19 @@ class RelaySMTP(SMTP):
             if self._limiter is not None:
                 self._limiter.release(self)
 
+    def eof_received(self) -> bool | None:
+        """The client hung up: close our side as well, so its connection slot is freed now.
+
+        aiosmtpd cancels its handler task here and leaves closing to that task; under uvloop
+        the EOF of a connect-and-close client can arrive before the task first runs, the
+        cancellation then skips its cleanup, and the half-open connection held its slot until
+        the idle timeout (a port scan or TCP health check could exhaust max_connections).
+        """
+        if self._refused:
+            return False
+        super().eof_received()
+        return False  # the transport closes itself; connection_lost releases the slot
+
     def close_for_shutdown(self) -> None:
         """Send ``421 4.3.2`` and close; for sessions not inside DATA."""
         if self.transport is not None and not self.transport.is_closing():

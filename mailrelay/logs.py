@@ -28,6 +28,16 @@ def _mask_secrets(_logger: Any, _name: str, event_dict: dict[str, Any]) -> dict[
     return event_dict
 
 
+class _DropLegacyNoise(logging.Filter):
+    """aiosmtpd 1.4 warns about its own deprecated ``Session.login_data`` on every AUTH."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("Session.login_data is deprecated")
+
+
+_LEGACY_FILTER = _DropLegacyNoise()
+
+
 class _JournalFormatter(structlog.stdlib.ProcessorFormatter):
     """Prefix each JSON line with its syslog priority for journald."""
 
@@ -73,6 +83,8 @@ def setup_logging(fmt: str = "auto", level: str = "info", stream: TextIO | None 
     root.setLevel(level.upper())
     # aiosmtpd logs every connect and EOF at INFO; aioimaplib logs protocol lines at DEBUG.
     logging.getLogger("mail.log").setLevel(max(logging.WARNING, root.level))
+    if _LEGACY_FILTER not in logging.getLogger("mail.log").filters:
+        logging.getLogger("mail.log").addFilter(_LEGACY_FILTER)
     logging.getLogger("aioimaplib").setLevel(max(logging.WARNING, root.level))
     structlog.configure(
         processors=[*shared, structlog.stdlib.ProcessorFormatter.wrap_for_formatter],

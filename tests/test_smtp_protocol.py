@@ -5,8 +5,13 @@ from __future__ import annotations
 import asyncio
 import email
 import itertools
+import logging
 import ssl
-from collections.abc import AsyncIterator, Callable
+import types
+import warnings
+import weakref
+from collections import deque
+from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -14,7 +19,8 @@ import aiosmtplib
 import pytest
 import structlog
 import trustme
-from aiosmtpd.smtp import SMTP, Envelope, Session
+from aiosmtpd import smtp as stock_smtp
+from aiosmtpd.smtp import SMTP, Envelope, Session, auth_mechanism
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
@@ -28,7 +34,9 @@ from mailrelay.smtp.protocol import (
     DataResult,
     RelaySMTP,
     normalize_newlines,
+    plain_angle_addr,
 )
+from mailrelay.smtp.server import AuthRelayHandler, RelayHandler
 
 LIMIT = 6000  # data_size_limit for the differential sessions
 HEAD = b"From: seller@shop.test\r\nTo: buyer@example.test\r\nSubject: test\r\n\r\n"
@@ -466,3 +474,358 @@ def test_limiter_needs_a_positive_maximum() -> None:
     """ConnectionLimiter(0) would refuse everyone, so it is an error."""
     with pytest.raises(ValueError):
         ConnectionLimiter(0)
+
+
+# -- address parsing: the fast path answers exactly what aiosmtpd's _getaddr answers -------------
+
+def outcome(parse: Callable[[str], Any], arg: str) -> Any:
+    """parse(arg), or the type of what it raised (stock raises IndexError on a lone '<')."""
+    try:
+        return parse(arg)
+    except Exception as error:
+        return type(error)
+
+
+@pytest.fixture(scope="module")
+def parsers() -> Iterator[tuple[RelaySMTP, RelaySMTP]]:
+    """Two RelaySMTP instances: aiosmtpd's default local_part_limit (0) and a limit of 3."""
+    loop = asyncio.new_event_loop()
+    plain = RelaySMTP(Capture(), hostname="test", loop=loop)
+    limited = RelaySMTP(Capture(), hostname="test", loop=loop)
+    limited.local_part_limit = 3
+    yield plain, limited
+    loop.close()
+
+
+def assert_same_address(parsers: tuple[RelaySMTP, RelaySMTP], arg: str) -> None:
+    for smtp in parsers:
+        stock_getaddr = types.MethodType(SMTP._getaddr, smtp)
+        assert outcome(smtp._getaddr, arg) == outcome(stock_getaddr, arg), arg
+
+
+ADDRESSES = [  # (argument after "FROM:"/"TO:", taken by the fast path)
+    case("plain", "<seller@shop.example>", True),
+    case("null", "<>", True),
+    case("null-params", "<> SIZE=100", True),
+    case("null-glued", "<>SIZE=1", True),
+    case("null-blanks", "<>  \t", True),
+    case("params", "<a@b.test> SIZE=100 BODY=8BITMIME", True),
+    case("params-tab", "<a@b.test>\tSIZE=1", True),
+    case("params-vt-after-sp", "<a@b.test> \x0bSIZE=1", True),
+    case("params-em-space", "<a@b.test> \u2003SMTPUTF8", True),
+    case("vt-only", "<a@b.test>\x0bSIZE=1", True),
+    case("trailing-blanks", "<a@b.test>   ", True),
+    case("glued-garbage", "<a@b>x", True),
+    case("double-close", "<a@b>>", True),
+    case("crlf-after", "<a@b>\r\n", True),
+    case("dots", "<first.last@mail.shop.example>", True),
+    case("atext", "<!#$%&'*+/?=^_`{|}~-@x.test>", True),
+    case("upper", "<A@B.TEST>", True),
+    case("ip-like", "<a@1.2.3.4>", True),
+    case("hyphens", "<a@-b->", True),
+    case("comment-after", "<a@b> (comment) SIZE=1", False),
+    case("comment-glued", "<a@b>(c)", False),
+    case("double-dot", "<a..b@c>", False),
+    case("leading-dot", "<.a@b>", False),
+    case("trailing-dot-local", "<a.@b>", False),
+    case("trailing-dot-domain", "<a@b.>", False),
+    case("dot-domain", "<a@.b>", False),
+    case("double-dot-domain", "<a@b..c>", False),
+    case("quoted", '<"quoted local"@b.test>', False),
+    case("quoted-at", '<"a@b"@c>', False),
+    case("quoted-plain", '<"abc"@d>', False),
+    case("route", "<@relay.test:a@b>", False),
+    case("routes", "<@r1,@r2:a@b>", False),
+    case("space-after-open", "< a@b>", False),
+    case("space-before-at", "<a @b>", False),
+    case("space-after-at", "<a@ b>", False),
+    case("space-before-close", "<a@b >", False),
+    case("leading-space", " <a@b>", False),
+    case("bare", "a@b", False),
+    case("bare-params", "a@b SIZE=1", False),
+    case("bare-local", "a", False),
+    case("no-domain", "<a>", False),
+    case("unclosed", "<a@b", False),
+    case("unopened", "a@b>", False),
+    case("two-ats", "<a@b@c>", False),
+    case("literal", "<a@[127.0.0.1]>", False),
+    case("literal-v6", "<a@[IPv6:::1]>", False),
+    case("utf8-local", "<é@b.test>", False),
+    case("utf8-domain", "<a@é.test>", False),
+    case("encoded-word-local", "<=?utf-8?q?x?=@b>", False),
+    case("encoded-word-domain", "<a@=?utf-8?q?x?=>", False),
+    case("encoded-word-inside", "<a=?b@c>", False),
+    case("nested", "<<a@b>>", False),
+    case("comment-local", "<a(b)@c>", False),
+    case("comment-domain", "<a@b(c)>", False),
+    case("backslash", "<a\\b@c>", False),
+    case("comma", "<a@b,c>", False),
+    case("semicolon", "<a@b;c>", False),
+    case("colon", "<a:b@c>", False),
+    case("nul", "<\x00@b>", False),
+    case("empty", "", False),
+    case("lone-open", "<", False),
+    case("lone-close", ">", False),
+    case("open-null", "<<>", False),
+    case("null-close", "<>>", True),
+    case("garbage", "!!", False),
+    case("long-local", "<" + "x" * 300 + "@b.test>", True),
+]
+
+
+@pytest.mark.parametrize(("arg", "fast"), ADDRESSES)
+def test_getaddr_matches_stock(parsers: tuple[RelaySMTP, RelaySMTP], arg: str,
+                               fast: bool) -> None:
+    """Every MAIL/RCPT address form parses as in aiosmtpd; the plain ones skip the email parser."""
+    assert_same_address(parsers, arg)
+    assert (plain_angle_addr(arg) is not None) == fast
+
+
+ADDR_CHARS = st.sampled_from(list("ab.Z9-_+=?!~") + list('<>@"()[]:,;\\ \t\x0b\u2003é'))
+ATEXT_ISH = st.text(st.sampled_from(list("ab.Z9-=?'{}") + list(' "(@é')), max_size=8)
+TAILS = st.text(st.sampled_from(list(" \t\x0b\u2003(x)=S>")), max_size=6)
+
+
+@settings(max_examples=1500, deadline=None)
+@given(arg=st.one_of(
+    st.text(ADDR_CHARS, max_size=24),
+    st.builds(lambda lp, dom, tail: f"<{lp}@{dom}>{tail}", ATEXT_ISH, ATEXT_ISH, TAILS),
+    st.builds(lambda tail: f"<>{tail}", TAILS),
+))
+@example(arg="<a@b> (x")
+def test_getaddr_random_matches_stock(parsers: tuple[RelaySMTP, RelaySMTP], arg: str) -> None:
+    """Random address arguments, mostly near the plain form: same answer as aiosmtpd's parser."""
+    assert_same_address(parsers, arg)
+
+
+class Recorder:
+    """Handler that records what MAIL and RCPT gave it, as aiosmtpd's defaults would store it."""
+
+    def __init__(self) -> None:
+        self.seen: list[tuple[str, str, list[str]]] = []
+
+    async def handle_MAIL(self, server: SMTP, session: Session, envelope: Envelope,
+                          address: str, options: list[str]) -> str:
+        self.seen.append(("MAIL", address, options))
+        envelope.mail_from = address
+        return "250 OK"
+
+    async def handle_RCPT(self, server: SMTP, session: Session, envelope: Envelope,
+                          address: str, options: list[str]) -> str:
+        self.seen.append(("RCPT", address, options))
+        envelope.rcpt_tos.append(address)
+        return "250 OK"
+
+
+@pytest.mark.parametrize("greeting", [b"EHLO client.test\r\n", b"HELO client.test\r\n"])
+async def test_address_commands_match_stock(greeting: bytes) -> None:
+    """MAIL/RCPT with every address form: same replies and same hook arguments as aiosmtpd."""
+    lines = [greeting]
+    for param in ADDRESSES:
+        if param.id == "lone-open":  # aiosmtpd's parser raises: 500 with stock, 451 from us
+            continue
+        arg = param.values[0].replace("\r\n", "").encode("utf-8")
+        lines += [b"MAIL FROM:" + arg + b"\r\n", b"RCPT TO:" + arg + b"\r\n",
+                  b"MAIL FROM:<s@shop.test>\r\n", b"RCPT TO:" + arg + b"\r\n", b"RSET\r\n"]
+    payload = b"".join([*lines, b"QUIT\r\n"])
+    results = []
+    for factory in (SMTP, RelaySMTP):
+        handler = Recorder()
+        async with serve(lambda f=factory, h=handler: f(h, hostname="test")) as port:
+            results.append((await converse(port, payload, None), handler.seen))
+    assert results[0] == results[1]
+    assert (b"250 OK" in results[0][0]) and len(results[0][1]) > 20
+
+
+# -- per-connection setup: cached hook tables, same attributes as aiosmtpd's __init__ ------------
+
+RELAY_ONLY = {"bare_newline", "in_data", "_limiter", "_refused", "data_timeout", "_hook_tables"}
+
+
+def snapshot(smtp: SMTP) -> list[tuple[str, Any]]:
+    """The instance's attributes in order, with per-instance objects reduced to what they are."""
+    def norm(value: Any) -> Any:
+        if isinstance(value, types.MethodType):
+            owner = "self" if value.__self__ is smtp else value.__self__
+            return ("method", value.__func__, owner)
+        if isinstance(value, stock_smtp._AuthMechAttr):
+            return ("auth", norm(value.method), value.is_builtin)
+        if isinstance(value, dict):
+            return [(k, norm(v)) for k, v in value.items()]
+        if isinstance(value, asyncio.StreamReader | asyncio.Future | weakref.ref | deque):
+            return type(value)
+        return value
+    return [(k, norm(v)) for k, v in vars(smtp).items() if k not in RELAY_ONLY]
+
+
+class Records(logging.Handler):
+    """Keeps what aiosmtpd's ``mail.log`` logger emits."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.lines: list[tuple[str, str]] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.lines.append((record.levelname, record.getMessage()))
+
+
+def built(cls: type[RelaySMTP], handler: Any, kwargs: dict[str, Any], stock_init: bool) -> Any:
+    """snapshot of cls(handler, **kwargs), built by aiosmtpd's __init__ or ours, with what it
+    warned and logged; or the exception it raised."""
+    logger, records = logging.getLogger("mail.log"), Records()
+    level = logger.level
+    logger.setLevel(logging.INFO)  # setLevel, not .level: it clears the isEnabledFor caches
+    logger.addHandler(records)
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            if stock_init:
+                smtp = cls.__new__(cls)
+                SMTP.__init__(smtp, handler, **kwargs)
+            else:
+                smtp = cls(handler, **kwargs)
+    except Exception as error:  # "f() got an unexpected keyword": the same but for f
+        return type(error), str(error).rpartition("() ")[2], records.lines
+    finally:
+        logger.removeHandler(records)
+        logger.setLevel(level)
+    return snapshot(smtp), [(w.category, str(w.message)) for w in caught], records.lines
+
+
+class ExtraCommand(RelaySMTP):
+    """A protocol subclass with its own command and its own AUTH mechanism."""
+
+    async def smtp_XYZZY(self, arg: str) -> None:
+        await self.push("250 nothing happens")
+
+    async def auth_CRAM__MD5(self, server: SMTP, args: list[str]) -> None:
+        return None
+
+
+class MechanismHandler(Capture):
+    """AUTH mechanisms on the handler: one named by decorator, one overriding a built-in."""
+
+    @auth_mechanism("X-TOKEN")
+    async def auth_token(self, server: SMTP, args: list[str]) -> None:
+        return None
+
+    async def auth_PLAIN(self, server: SMTP, args: list[str]) -> None:
+        return None
+
+
+class OldEhlo(Capture):
+    async def handle_EHLO(self, server: SMTP, session: Session, envelope: Envelope,
+                          hostname: str) -> str:
+        return "250 old"
+
+
+class BadEhlo(Capture):
+    async def handle_EHLO(self, server: SMTP, session: Session) -> str:
+        return "250 bad"
+
+
+class OwnHook(Capture):
+    """Has a hook as an instance attribute, which only dir() of the instance shows."""
+
+    def __init__(self, rcpt_reply: str = "550 5.7.1 no") -> None:
+        super().__init__()
+
+        async def handle_RCPT(*args: Any) -> str:
+            return rcpt_reply
+        self.handle_RCPT = handle_RCPT
+
+
+def bare_handler(cls: type) -> Any:
+    """An instance of a product handler class without its runtime wiring (only hooks matter)."""
+    return object.__new__(cls)
+
+
+def server_tls(verify_mode: ssl.VerifyMode, check_hostname: bool) -> ssl.SSLContext:
+    """A server context with client-certificate settings aiosmtpd warns about."""
+    context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH)
+    context.verify_mode = verify_mode
+    context.check_hostname = check_hostname
+    return context
+
+
+INIT_CASES = [  # (protocol class, handler factory, kwargs)
+    case("capture", RelaySMTP, Capture, {"hostname": "test"}),
+    case("relay-handler", RelaySMTP, lambda: bare_handler(RelayHandler), {
+        "hostname": "h", "ident": "mailrelay", "data_size_limit": 10, "enable_SMTPUTF8": True,
+        "timeout": 5, "command_call_limit": {"RCPT": 100, "*": 20}, "auth_require_tls": False,
+        "auth_exclude_mechanism": ["PLAIN", "LOGIN"]}),
+    case("auth-relay-handler", RelaySMTP, lambda: bare_handler(AuthRelayHandler),
+         {"hostname": "h", "auth_required": True, "auth_require_tls": False}),
+    case("mechanisms", RelaySMTP, MechanismHandler,
+         {"hostname": "h", "auth_exclude_mechanism": ["LOGIN"], "auth_callback": lambda *a: True}),
+    case("subclass", ExtraCommand, MechanismHandler, {"hostname": "h", "command_call_limit": 3}),
+    case("old-ehlo", RelaySMTP, OldEhlo, {"hostname": "h"}),
+    case("bad-ehlo", RelaySMTP, BadEhlo, {"hostname": "h"}),
+    case("instance-hook", RelaySMTP, OwnHook, {"hostname": "h"}),
+    case("class-as-handler", RelaySMTP, lambda: OldEhlo, {"hostname": "h"}),
+    case("no-hostname", RelaySMTP, Capture, {"data_size_limit": None}),
+    case("tls-verify", RelaySMTP, Capture, {
+        "hostname": "h", "tls_context": server_tls(ssl.CERT_REQUIRED, False),
+        "require_starttls": True}),
+    case("tls-check-hostname", RelaySMTP, Capture,
+         {"hostname": "h", "tls_context": server_tls(ssl.CERT_OPTIONAL, True)}),
+    case("authenticator", RelaySMTP, Capture,
+         {"hostname": "h", "authenticator": lambda *a: None, "proxy_protocol_timeout": 1}),
+    case("proxy-zero", RelaySMTP, Capture, {"hostname": "h", "proxy_protocol_timeout": 0}),
+    case("limit-not-int", RelaySMTP, Capture, {"hostname": "h", "command_call_limit": {"*": "9"}}),
+    case("limit-bad-type", RelaySMTP, Capture, {"hostname": "h", "command_call_limit": "9"}),
+    case("unknown-option", RelaySMTP, Capture, {"hostname": "h", "colour": "blue"}),
+]
+
+
+@pytest.mark.parametrize(("cls", "make_handler", "kwargs"), INIT_CASES)
+async def test_setup_matches_stock(cls: type[RelaySMTP], make_handler: Callable[[], Any],
+                                   kwargs: dict[str, Any]) -> None:
+    """Our per-connection setup leaves the same attributes, warnings and errors as aiosmtpd's,
+    for the first connection of a (protocol, handler) pair and for later ones."""
+    handler = make_handler()
+    reference = built(cls, handler, kwargs, stock_init=True)
+    assert built(cls, handler, kwargs, stock_init=False) == reference
+    assert built(cls, handler, kwargs, stock_init=False) == reference
+    other = make_handler()  # a second handler of the same class
+    assert built(cls, other, kwargs, stock_init=False) == built(cls, other, kwargs, stock_init=True)
+
+
+@pytest.mark.parametrize("handler_cls", [RelayHandler, AuthRelayHandler])
+async def test_product_handlers_are_cached(handler_cls: type) -> None:
+    """The daemon's own protocol/handler pairs take the cached route (or the speed-up is lost)."""
+    first = RelaySMTP(bare_handler(handler_cls), hostname="h")
+    second = RelaySMTP(bare_handler(handler_cls), hostname="h")
+    assert first._hook_tables.cacheable
+    assert first._hook_tables is second._hook_tables
+    assert "DATA" in second._handle_hooks and "MAIL" in second._smtp_methods
+
+
+async def test_connections_share_hook_tables() -> None:
+    """Two connections reuse one set of hook tables, each bound to its own protocol instance."""
+    handler, protocols = Capture(), []
+
+    def factory() -> RelaySMTP:
+        protocols.append(RelaySMTP(handler, hostname="test"))
+        return protocols[-1]
+
+    async with serve(factory) as port:
+        for n in range(2):
+            async with aiosmtplib.SMTP(hostname="127.0.0.1", port=port) as client:
+                await client.sendmail("a@b.test", ["c@d.test"], HEAD + b"%d\r\n" % n)
+    first, second = protocols
+    assert first._hook_tables is second._hook_tables
+    assert first._smtp_methods["MAIL"].__self__ is first
+    assert second._smtp_methods["MAIL"].__self__ is second
+    assert second._handle_hooks["DATA"].__self__ is handler
+    assert handler.contents == [HEAD + b"0\r\n", HEAD + b"1\r\n"]
+
+
+async def test_instance_hooks_are_not_served_from_cache() -> None:
+    """A handler whose hook is an instance attribute gets it even after its class was cached."""
+    session_payload = b"EHLO c\r\nMAIL FROM:<a@b.test>\r\nRCPT TO:<c@d.test>\r\nQUIT\r\n"
+    replies = []
+    for handler in (OwnHook("250 fine"), OwnHook("550 5.7.1 no"), Capture()):
+        async with serve(relay(handler)) as port:
+            replies.append((await converse(port, session_payload, None))[-3])
+    assert replies == [b"250 fine", b"550 5.7.1 no", b"250 OK"]

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import functools
 import inspect
 import ipaddress
 import time
@@ -56,6 +57,19 @@ def _peer_ip(session: Session) -> str:
     return str(peer[0]) if isinstance(peer, tuple) and peer else str(peer or "unknown")
 
 
+@functools.lru_cache(maxsize=4096)
+def peer_in_networks(peer: str, networks: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network,
+                                                 ...]) -> bool:
+    """Whether ``peer`` is inside ``networks``; cached, since it is asked on every command."""
+    try:
+        ip = ipaddress.ip_address(peer)
+    except ValueError:
+        return False
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped:
+        ip = ip.ipv4_mapped
+    return any(ip in net for net in networks)
+
+
 def is_encrypted(server: SMTP) -> bool:
     transport = server.transport
     return server._tls_protocol is not None or (
@@ -89,13 +103,7 @@ class RelayHandler:
     # -- who may relay ---------------------------------------------------------------------
 
     def _from_allowed_network(self, session: Session) -> bool:
-        try:
-            ip = ipaddress.ip_address(_peer_ip(session))
-        except ValueError:
-            return False
-        if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped:
-            ip = ip.ipv4_mapped
-        return any(ip in net for net in self.config.smtp.allowed_networks)
+        return peer_in_networks(_peer_ip(session), tuple(self.config.smtp.allowed_networks))
 
     def _trusted(self, session: Session) -> bool:
         if _state(session).user is not None:

@@ -1,8 +1,10 @@
 """The durable queue: accepted messages, their recipients' states, delivery attempts.
 
-``enqueue`` uses group commit: SMTP sessions that finish DATA at about the same time are written
-in one transaction and one fsync, and each session's 250 is sent only after the commit that holds
-its own message. Under load that turns many fsyncs into few without weakening the promise.
+The hot paths (enqueue, claim, record an attempt) are plain functions run by
+``Database.transact`` in the writer's thread: one hop each, and calls that arrive together share
+one transaction (group commit). ``enqueue`` is durable: each session's 250 is sent only after the
+commit that holds its own message. Claims and attempts commit without fsync (db.py says why that
+is safe for at-least-once delivery); they ride on an enqueue's fsync when they share its commit.
 """
 
 from __future__ import annotations
@@ -10,13 +12,14 @@ from __future__ import annotations
 import asyncio
 import json
 import secrets
+import sqlite3
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import aiosqlite
 
-from mailrelay.store.db import Database
+from mailrelay.store.db import Database, in_thread
 from mailrelay.store.optout import message_state_from, record_relayed, refresh_message_state
 from mailrelay.store.records import (
     PENDING_STATES,
@@ -31,6 +34,9 @@ from mailrelay.store.records import (
 
 _COLUMNS = ("id, mail_from, mail_options, message_id, size, state, attempts, created, "
             "next_attempt, last_error, auth_user")
+_AUDIT_SQL = ("INSERT INTO audit (at, queue_id, message_id, recipient, buyer_key, class, rule, "
+              "action, mode, reason) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)")
+_RCPT_COLUMNS = "rcpt, state, buyer_key, class, last_error"
 
 
 def new_queue_id(now: float) -> str:
@@ -38,31 +44,63 @@ def new_queue_id(now: float) -> str:
     return f"{int(now * 1000):011X}{secrets.token_hex(3).upper()}"
 
 
-@dataclass
+@dataclass(frozen=True, slots=True)
 class _Pending:
     messages: Sequence[NewMessage]
     audits: Sequence[AuditRecord]
     relayed: Sequence[RelayedRecord]
     now: float
-    future: asyncio.Future[list[str]]
+
+
+@dataclass(frozen=True, slots=True)
+class AttemptPlan:
+    """What recording an attempt changes: recipient updates (rcpt, state, error), message state."""
+
+    updates: tuple[tuple[str, str, str | None], ...]
+    state: str
+
+
+def plan_attempt(current: dict[str, str], attempts: Sequence[Attempt],
+                 retry_at: float | None) -> AttemptPlan:
+    """Pure: apply an attempt's outcomes to the recipients' current states, in order.
+
+    Deferred becomes failed when there is no retry time. A recipient cancelled while the attempt
+    was under way (``blocklist add``) stays cancelled, unless the attempt did deliver it: then
+    the record must say so. Recipients in any other state are left alone.
+    """
+    states = dict(current)
+    updates = []
+    for attempt in attempts:
+        outcome = attempt.outcome
+        if outcome == MessageState.DEFERRED and retry_at is None:
+            outcome = MessageState.FAILED
+        settable = PENDING_STATES if outcome != MessageState.SENT else (
+            *PENDING_STATES, MessageState.CANCELLED)
+        if states.get(attempt.rcpt) in settable:
+            states[attempt.rcpt] = outcome
+            updates.append((attempt.rcpt, outcome, attempt.error or None))
+    return AttemptPlan(tuple(updates),
+                       message_state_from(set(states.values()), MessageState.DEFERRED))
 
 
 async def insert_audits(conn: aiosqlite.Connection, audits: Sequence[AuditRecord]) -> None:
-    await conn.executemany(
-        "INSERT INTO audit (at, queue_id, message_id, recipient, buyer_key, class, rule, action, "
-        "mode, reason) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-        [(a.at, a.queue_id, a.message_id, a.recipient, a.buyer_key, a.cls, a.rule, a.action,
-          a.mode, a.reason) for a in audits],
-    )
+    await conn.executemany(_AUDIT_SQL, [_audit_row(a) for a in audits])
+
+
+def _audit_row(a: AuditRecord) -> tuple[Any, ...]:
+    return (a.at, a.queue_id, a.message_id, a.recipient, a.buyer_key, a.cls, a.rule, a.action,
+            a.mode, a.reason)
 
 
 class QueueRepo:
     def __init__(self, db: Database) -> None:
         self.db = db
-        self._pending: list[_Pending] = []
-        self._flusher: asyncio.Task[None] | None = None
-        self.commits = 0  # transactions written by enqueue (for the benchmark's fsync figure)
         self.wakeup = asyncio.Event()  # set when new work is due for the delivery workers
+
+    @property
+    def commits(self) -> int:
+        """Durable transactions written (enqueue's group commits; for the fsync figure)."""
+        return self.db.durable_commits
 
     async def enqueue(self, messages: Sequence[NewMessage], audits: Sequence[AuditRecord] = (),
                       relayed: Sequence[RelayedRecord] = (), now: float = 0.0) -> list[str]:
@@ -70,99 +108,24 @@ class QueueRepo:
 
         Audit and relayed records may use ``queue_id="#N"`` to refer to the N-th message.
         """
-        future: asyncio.Future[list[str]] = asyncio.get_running_loop().create_future()
-        self._pending.append(_Pending(messages, audits, relayed, now, future))
-        if self._flusher is None or self._flusher.done():
-            self._flusher = asyncio.create_task(self._flush())
-        # Shielded: a client that hangs up mid-commit must not cancel other sessions' commit.
-        return await asyncio.shield(future)
-
-    async def _flush(self) -> None:
-        while self._pending:
-            batch, self._pending = self._pending, []
-            results: list[list[str] | Exception] = []
-            try:
-                async with self.db.write() as conn:
-                    for item in batch:
-                        results.append(await self._insert_isolated(conn, item))
-                self.commits += 1
-            except BaseException as exc:  # the commit itself failed: nobody's mail is stored
-                for item in batch:
-                    if not item.future.done():
-                        item.future.set_exception(exc)
-                if not isinstance(exc, Exception):
-                    raise
-                continue
-            for item, outcome in zip(batch, results, strict=True):
-                if item.future.done():
-                    continue
-                if isinstance(outcome, Exception):
-                    item.future.set_exception(outcome)
-                else:
-                    item.future.set_result(outcome)
-            self.wakeup.set()
-
-    async def _insert_isolated(self, conn: aiosqlite.Connection,
-                               item: _Pending) -> list[str] | Exception:
-        """One session's rows under a savepoint: its failure must not fail the others'."""
-        await conn.execute("SAVEPOINT one_session")
-        try:
-            ids = await self._insert(conn, item)
-        except Exception as exc:
-            await conn.execute("ROLLBACK TO one_session")
-            await conn.execute("RELEASE one_session")
-            return exc
-        await conn.execute("RELEASE one_session")
-        return ids
-
-    async def _insert(self, conn: aiosqlite.Connection, item: _Pending) -> list[str]:
-        ids = []
-        for message in item.messages:
-            queue_id = message.queue_id or new_queue_id(item.now)
-            ids.append(queue_id)
-            states = {r.state for r in message.recipients}
-            state = message_state_from(states, MessageState.QUEUED)
-            await conn.execute(
-                "INSERT INTO queue (id, mail_from, mail_options, message_id, size, raw, state, "
-                "created, next_attempt, auth_user, peer) VALUES (?,?,?,?,?,?,?,?,?,?,?)",
-                (queue_id, message.mail_from, json.dumps(list(message.mail_options)),
-                 message.message_id, len(message.raw), message.raw, state, item.now, item.now,
-                 message.auth_user, message.peer),
-            )
-            await conn.executemany(
-                "INSERT INTO queue_rcpt (queue_id, rcpt, state, buyer_key, class, updated) "
-                "VALUES (?, ?, ?, ?, ?, ?)",
-                [(queue_id, r.rcpt, r.state, r.buyer_key, r.cls, item.now)
-                 for r in message.recipients],
-            )
-
-        def resolve(ref: str | None) -> str | None:
-            return ids[int(ref[1:])] if ref and ref.startswith("#") else ref
-
-        await insert_audits(conn, [_with_queue_id(a, resolve(a.queue_id)) for a in item.audits])
-        await record_relayed(conn, [
-            RelayedRecord(r.buyer_key, r.order_id, r.message_id, r.at, resolve(r.queue_id))
-            for r in item.relayed
-        ])
+        item = _Pending(messages, audits, relayed, now)
+        ids = await self.db.transact(_insert, item, True)
+        if ids is None:
+            # A relayed record names an order whose opt-out notice awaits its buyer (rare):
+            # blocking that buyer is async code, so this message takes the async path.
+            async with self.db.write() as conn:
+                ids = await in_thread(conn, _insert, item, False)
+                await record_relayed(conn, _relayed_with_ids(item, ids))
+        self.wakeup.set()
         return ids
 
     async def claim_due(self, now: float, limit: int = 1) -> list[QueuedMessage]:
-        """Mark up to ``limit`` due messages as sending and return them with their raw bytes."""
-        placeholders = ",".join("?" * len(PENDING_STATES))
-        async with self.db.write() as conn:
-            async with conn.execute(
-                f"SELECT {_COLUMNS}, raw FROM queue WHERE state IN ({placeholders}) "
-                "AND next_attempt <= ? ORDER BY next_attempt LIMIT ?",
-                (*PENDING_STATES, now, limit),
-            ) as cursor:
-                rows = list(await cursor.fetchall())
-            claimed = []
-            for row in rows:
-                await conn.execute("UPDATE queue SET state = ? WHERE id = ?",
-                                   (MessageState.SENDING, row["id"]))
-                recipients = await _recipients(conn, row["id"])
-                claimed.append(_message(row, recipients, raw=bytes(row["raw"] or b"")))
-        return claimed
+        """Mark up to ``limit`` due messages as sending and return them with their raw bytes.
+
+        A caller cancelled once its claim is under way leaves the messages ``sending``:
+        ``requeue_stale`` puts them back at the next start (at-least-once), as after a crash.
+        """
+        return await self.db.transact(_claim, now, limit, durable=False)
 
     async def next_due(self) -> float | None:
         placeholders = ",".join("?" * len(PENDING_STATES))
@@ -174,33 +137,12 @@ class QueueRepo:
 
     async def record_attempt(self, queue_id: str, attempts: Sequence[Attempt], now: float,
                              retry_at: float | None) -> str:
-        """Store per-recipient outcomes; deferred ones fail instead when ``retry_at`` is None."""
-        async with self.db.write() as conn:
-            for attempt in attempts:
-                outcome = attempt.outcome
-                if outcome == MessageState.DEFERRED and retry_at is None:
-                    outcome = MessageState.FAILED
-                # A recipient cancelled while this attempt was under way stays cancelled,
-                # unless the attempt did deliver it: then the record must say so.
-                settable = (*PENDING_STATES, *(
-                    (MessageState.CANCELLED,) if outcome == MessageState.SENT else ()))
-                await conn.execute(
-                    "UPDATE queue_rcpt SET state = ?, last_error = ?, updated = ? "
-                    f"WHERE queue_id = ? AND rcpt = ? AND state IN "
-                    f"({','.join('?' * len(settable))})",
-                    (outcome, attempt.error or None, now, queue_id, attempt.rcpt, *settable),
-                )
-            errors = "; ".join(f"{a.rcpt}: {a.error}" for a in attempts if a.error)
-            await conn.execute(
-                "UPDATE queue SET state = ?, attempts = attempts + 1, next_attempt = ?, "
-                "last_error = ? WHERE id = ?",
-                (MessageState.DEFERRED, retry_at or now, errors or None, queue_id),
-            )
-            state = await refresh_message_state(conn, queue_id)
-            if state == MessageState.SENT:
-                # Delivered everywhere: the body is no longer ours to keep.
-                await conn.execute("UPDATE queue SET raw = NULL WHERE id = ?", (queue_id,))
-        return state
+        """Store per-recipient outcomes; deferred ones fail instead when ``retry_at`` is None.
+
+        Returns the message's new state ("" when the message is gone).
+        """
+        return await self.db.transact(_record, queue_id, tuple(attempts), now, retry_at,
+                                      durable=False)
 
     async def release_claim(self, queue_id: str) -> None:
         """Put a claimed message back unchanged (delivery paused, shutdown)."""
@@ -302,20 +244,6 @@ class QueueRepo:
         return {r[0]: r[1] for r in rows}
 
 
-def _with_queue_id(record: AuditRecord, queue_id: str | None) -> AuditRecord:
-    from dataclasses import replace
-
-    return replace(record, queue_id=queue_id)
-
-
-async def _recipients(conn: aiosqlite.Connection, queue_id: str) -> tuple[RecipientRow, ...]:
-    async with conn.execute(
-        "SELECT rcpt, state, buyer_key, class, last_error FROM queue_rcpt WHERE queue_id = ? "
-        "ORDER BY rowid", (queue_id,),
-    ) as cursor:
-        return tuple(RecipientRow(*tuple(r)) for r in await cursor.fetchall())
-
-
 def _message(row: Any, recipients: tuple[RecipientRow, ...], raw: bytes | None = None) -> (
     QueuedMessage
 ):
@@ -326,3 +254,108 @@ def _message(row: Any, recipients: tuple[RecipientRow, ...], raw: bytes | None =
         attempts=row["attempts"], created=row["created"], next_attempt=row["next_attempt"],
         last_error=row["last_error"], auth_user=row["auth_user"], recipients=recipients, raw=raw,
     )
+
+
+# --- run in the writer's thread by Database.transact ---------------------------------------------
+
+def _insert(conn: sqlite3.Connection, item: _Pending, relayed_inline: bool) -> list[str] | None:
+    """Insert one session's messages, audits and (``relayed_inline``) relayed records.
+
+    Returns None, having written nothing, when a relayed record names an order whose opt-out
+    notice still waits for its buyer: ``record_relayed`` must then block that buyer.
+    """
+    if relayed_inline and _names_pending_order(conn, item.relayed):
+        return None
+    ids = []
+    for message in item.messages:
+        queue_id = message.queue_id or new_queue_id(item.now)
+        ids.append(queue_id)
+        state = message_state_from({r.state for r in message.recipients}, MessageState.QUEUED)
+        conn.execute(
+            "INSERT INTO queue (id, mail_from, mail_options, message_id, size, raw, state, "
+            "created, next_attempt, auth_user, peer) VALUES (?,?,?,?,?,?,?,?,?,?,?)",
+            (queue_id, message.mail_from, json.dumps(list(message.mail_options)),
+             message.message_id, len(message.raw), message.raw, state, item.now, item.now,
+             message.auth_user, message.peer),
+        )
+        conn.executemany(
+            "INSERT INTO queue_rcpt (queue_id, rcpt, state, buyer_key, class, updated) "
+            "VALUES (?, ?, ?, ?, ?, ?)",
+            [(queue_id, r.rcpt, r.state, r.buyer_key, r.cls, item.now)
+             for r in message.recipients],
+        )
+    if item.audits:
+        conn.executemany(_AUDIT_SQL, [
+            _audit_row(replace(a, queue_id=_resolve(a.queue_id, ids))) for a in item.audits])
+    if relayed_inline and item.relayed:
+        conn.executemany(
+            "INSERT INTO relayed (message_id, buyer_key, order_id, queue_id, relayed_at) "
+            "VALUES (?, ?, ?, ?, ?)",
+            [(r.message_id, r.buyer_key, r.order_id, r.queue_id, r.at)
+             for r in _relayed_with_ids(item, ids)],
+        )
+    return ids
+
+
+def _names_pending_order(conn: sqlite3.Connection, relayed: Sequence[RelayedRecord]) -> bool:
+    orders = list({r.order_id for r in relayed if r.order_id})
+    if not orders:
+        return False
+    return conn.execute(
+        f"SELECT 1 FROM optout_orders WHERE buyer_key IS NULL AND order_id IN "
+        f"({','.join('?' * len(orders))}) LIMIT 1", orders,
+    ).fetchone() is not None
+
+
+def _resolve(ref: str | None, ids: list[str]) -> str | None:
+    return ids[int(ref[1:])] if ref and ref.startswith("#") else ref
+
+
+def _relayed_with_ids(item: _Pending, ids: list[str]) -> list[RelayedRecord]:
+    return [replace(r, queue_id=_resolve(r.queue_id, ids)) for r in item.relayed]
+
+
+def _claim(conn: sqlite3.Connection, now: float, limit: int) -> list[QueuedMessage]:
+    placeholders = ",".join("?" * len(PENDING_STATES))
+    rows = conn.execute(
+        f"SELECT {_COLUMNS}, raw FROM queue WHERE state IN ({placeholders}) "
+        "AND next_attempt <= ? ORDER BY next_attempt LIMIT ?",
+        (*PENDING_STATES, now, limit),
+    ).fetchall()
+    if not rows:
+        return []
+    ids = [row["id"] for row in rows]
+    conn.executemany("UPDATE queue SET state = ? WHERE id = ?",
+                     [(MessageState.SENDING, queue_id) for queue_id in ids])
+    recipients: dict[str, list[RecipientRow]] = {queue_id: [] for queue_id in ids}
+    for r in conn.execute(
+        f"SELECT queue_id, {_RCPT_COLUMNS} FROM queue_rcpt WHERE queue_id IN "
+        f"({','.join('?' * len(ids))}) ORDER BY rowid", ids,
+    ):
+        recipients[r[0]].append(RecipientRow(*tuple(r)[1:]))
+    return [_message(row, tuple(recipients[row["id"]]), raw=bytes(row["raw"] or b""))
+            for row in rows]
+
+
+def _record(conn: sqlite3.Connection, queue_id: str, attempts: tuple[Attempt, ...], now: float,
+            retry_at: float | None) -> str:
+    # Read the recipients' states in this transaction: a blocklist change may have cancelled
+    # some of them since the claim.
+    current = {r[0]: r[1] for r in conn.execute(
+        "SELECT rcpt, state FROM queue_rcpt WHERE queue_id = ?", (queue_id,))}
+    plan = plan_attempt(current, attempts, retry_at)
+    if plan.updates:
+        conn.executemany(
+            "UPDATE queue_rcpt SET state = ?, last_error = ?, updated = ? "
+            "WHERE queue_id = ? AND rcpt = ?",
+            [(state, error, now, queue_id, rcpt) for rcpt, state, error in plan.updates],
+        )
+    errors = "; ".join(f"{a.rcpt}: {a.error}" for a in attempts if a.error)
+    # Delivered everywhere: the body is no longer ours to keep.
+    drop_raw = "raw = NULL, " if plan.state == MessageState.SENT else ""
+    cursor = conn.execute(
+        f"UPDATE queue SET {drop_raw}state = ?, attempts = attempts + 1, next_attempt = ?, "
+        "last_error = ? WHERE id = ?",
+        (plan.state, retry_at or now, errors or None, queue_id),
+    )
+    return plan.state if cursor.rowcount else ""

@@ -10,7 +10,8 @@ Two more overrides only save CPU (at 2 KB most of it goes to per-connection and 
 overhead): ``SMTP.__init__`` is replayed with the hook/command/AUTH tables found once per
 (protocol class, handler class) instead of by ``inspect.getmembers``/``dir`` per connection,
 and ``_getaddr`` answers plain ``<local@domain>`` and ``<>`` with a regex instead of the email
-header parser; differential tests check that both give exactly what aiosmtpd gives.
+header parser; differential tests check that both give exactly what aiosmtpd gives. The
+sans-I/O DATA decoder lives in ``smtp/data.py``, the two fast paths in ``smtp/fastpaths.py``.
 
 DATA semantics kept from aiosmtpd 1.4.6 (checked by a differential test against it):
 only ``<CRLF>.<CRLF>`` (or ``.<CRLF>`` as the whole data) ends DATA; leading dots are
@@ -43,21 +44,31 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import inspect
 import logging
-import math
-import re
 import socket
 import ssl
-import types
 import warnings
 from collections.abc import Iterable
-from dataclasses import dataclass
 from typing import Any, Literal
 
 import aiosmtpd.smtp as stock
 import structlog
 from aiosmtpd.smtp import MISSING, SMTP, syntax
+
+from mailrelay.smtp.data import (
+    DataDecoder,
+    DataResult,
+    has_bare_newline,
+    normalize_newlines,
+    read_data,
+)
+from mailrelay.smtp.fastpaths import HookTables, has_own_hooks, hook_tables, plain_angle_addr
+
+__all__ = [  # the DATA and fast-path helpers are re-exported for callers and tests
+    "REPLY_BARE_NEWLINE", "REPLY_LOCAL_ERROR", "REPLY_SHUTTING_DOWN",
+    "REPLY_TOO_MANY_CONNECTIONS", "ConnectionLimiter", "DataDecoder", "DataResult", "HookTables",
+    "RelaySMTP", "has_own_hooks", "hook_tables", "normalize_newlines", "plain_angle_addr",
+]
 
 log = structlog.get_logger("mailrelay.smtp")
 
@@ -67,254 +78,6 @@ REPLY_TOO_MANY_CONNECTIONS = "421 4.7.0 Too many connections, try again later"
 REPLY_SHUTTING_DOWN = "421 4.3.2 Service shutting down"
 REPLY_LOCAL_ERROR = "451 4.3.0 Temporary local error"
 REPLY_BARE_NEWLINE = "550 5.6.2 Bare CR or LF in message data not allowed"
-REPLY_LINE_TOO_LONG = "500 Line too long (see RFC5321 4.5.3.1.6)"  # aiosmtpd's wording
-REPLY_TOO_MUCH_DATA = "552 Error: Too much mail data"  # aiosmtpd's wording
-
-END_OF_DATA = b"\r\n.\r\n"
-_DOT_CRLF = b".\r\n"
-
-
-@dataclass(frozen=True)
-class DataResult:
-    """One finished DATA phase: the unstuffed content, or the reply that replaces it."""
-
-    content: bytes
-    error: str | None = None
-
-
-class DataDecoder:
-    """Sans-IO accumulator for one DATA phase, fed the chunks ``read_data`` takes off the wire.
-
-    Chunks never split a ``.<CRLF>`` and hold one only at their end (``readuntil(b".\\r\\n")``
-    guarantees both), so the end of data is found from a chunk's last octets and the two
-    before it; everything else (line lengths, size) is chunking-independent.
-    The verdict matches aiosmtpd 1.4.6 exactly: the first CRLF-delimited line that is too
-    long (``line_length_limit - 1`` octets or more) or ends past the size limit decides; it is
-    500 if its content exceeds ``line_length_limit`` (aiosmtpd's reader overruns before
-    counting it) or the line still fits the limit, else 552. Data is dropped from then on.
-    """
-
-    def __init__(self, size_limit: int | None, line_length_limit: int) -> None:
-        self._limit: float = size_limit or math.inf
-        self._too_long = line_length_limit - 1
-        self._overrun = line_length_limit + 1
-        self._parts: list[bytes | memoryview] = []
-        self._tail = b"\r\n"  # last 2 octets seen; the data's start counts as after a CRLF
-        self._received = 0  # octets before the final ".<CRLF>"
-        self._carry = 0  # octets of the current line that have no CRLF yet
-        self._dropping = False
-        self._error: str | None = None
-
-    def feed(self, chunk: bytes) -> bool:
-        """Take the next chunk as ``read_data`` cuts them; return True when it ends the data."""
-        final = chunk.endswith(_DOT_CRLF) and (self._tail + chunk[-5:]).endswith(END_OF_DATA)
-        size = len(chunk) - 3 if final else len(chunk)
-        straddle = self._tail[-1:] == b"\r" and chunk[:1] == b"\n"
-        if self._error is None:
-            self._scan(chunk, size, final, straddle)
-        if not self._dropping:
-            self._parts.append(memoryview(chunk)[:size] if final else chunk)
-        self._received += size
-        self._tail = (self._tail + chunk[-2:])[-2:]
-        return final
-
-    def finish(self) -> DataResult:
-        """Return the unstuffed content, or the 500/552 reply aiosmtpd would have sent."""
-        if self._error is not None:
-            return DataResult(b"", self._error)
-        assert not self._dropping, "a dropped line always completes before the final dot"
-        raw = b"".join(self._parts)
-        self._parts.clear()
-        return DataResult(unstuff(raw))
-
-    def _scan(self, chunk: bytes, size: int, final: bool, straddle: bool) -> None:
-        end = self._received + size
-        if self._carry + size < self._too_long and end <= self._limit:
-            crlf = chunk.rfind(b"\r\n", 0, size)  # fast path: no line can be too long here
-            if crlf >= 0:
-                self._carry = size - crlf - 2
-            else:
-                self._carry = size - 1 if straddle else self._carry + size
-            return
-        lengths = self._line_lengths(chunk, final, straddle)
-        partial = lengths.pop()
-        if (not lengths or max(lengths) < self._too_long) and end - partial <= self._limit:
-            self._carry = partial
-            if end > self._limit:  # the limit falls inside a line: it decides once complete
-                self._drop()
-            return
-        self._judge(lengths)
-
-    def _line_lengths(self, chunk: bytes, final: bool, straddle: bool) -> list[int]:
-        """Lengths (without CRLF) of the lines this chunk completes, then of the unfinished one."""
-        parts = chunk.split(b"\r\n")
-        if final:
-            parts[-2:] = [parts[-2][:-1]]  # drop the final ".<CRLF>"
-        lengths = list(map(len, parts))
-        if straddle:  # the previous chunk ended in CR and this one starts with its LF
-            lengths[0] -= 1
-            lengths.insert(0, self._carry - 1)
-        else:
-            lengths[0] += self._carry
-        return lengths
-
-    def _judge(self, complete: list[int]) -> None:
-        start = self._received - self._carry
-        for length in complete:
-            end = start + length + 2
-            if length >= self._too_long or end > self._limit:
-                line_first = length >= self._overrun or end <= self._limit
-                self._error = REPLY_LINE_TOO_LONG if line_first else REPLY_TOO_MUCH_DATA
-                self._drop()
-                return
-            start = end
-
-    def _drop(self) -> None:
-        self._dropping = True
-        self._parts.clear()
-
-
-def unstuff(raw: bytes) -> bytes:
-    """Remove the transparency dot from every line that starts with one (RFC 5321 4.5.2)."""
-    if raw[:1] == b".":
-        raw = raw[1:]
-    return raw.replace(b"\r\n.", b"\r\n")
-
-
-def has_bare_newline(data: bytes) -> bool:
-    """True if data holds a CR not followed by LF or an LF not preceded by CR."""
-    crlf = data.count(b"\r\n")
-    return data.count(b"\r") != crlf or data.count(b"\n") != crlf
-
-
-def normalize_newlines(data: bytes) -> bytes:
-    """Turn every bare CR and bare LF into CRLF, leaving existing CRLFs alone."""
-    return data.replace(b"\r\n", b"\n").replace(b"\r", b"\n").replace(b"\n", b"\r\n")
-
-
-async def read_data(reader: asyncio.StreamReader, decoder: DataDecoder) -> None:
-    """Feed decoder from reader up to the final dot, leaving later octets in the reader.
-
-    Each pass takes what the socket delivered up to the next ``.<CRLF>``: when none is
-    buffered yet, the reader's line limit makes ``readuntil`` raise and we take the octets
-    it has already searched.
-    """
-    while True:
-        try:
-            chunk = await reader.readuntil(_DOT_CRLF)
-        except asyncio.LimitOverrunError as exc:
-            chunk = await reader.readexactly(exc.consumed)
-        if decoder.feed(chunk):
-            return
-
-
-_ATEXT = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+"  # RFC 5322 atext, ASCII only
-_DOT_ATOM = rf"{_ATEXT}(?:\.{_ATEXT})*"
-_PLAIN_ANGLE_ADDR = re.compile(rf"<({_DOT_ATOM}@{_DOT_ATOM})?>")
-_BLANKS = (" ", "\t")
-
-
-def plain_angle_addr(arg: str) -> tuple[str, str] | None:
-    """``(address, rest)`` as aiosmtpd's ``_getaddr`` finds them in ``<local@domain>`` or ``<>``.
-
-    None for every other form (quotes, source routes, comments, blanks inside the brackets,
-    non-ASCII, RFC 2047 look-alikes): those go to aiosmtpd's email-parser route, which costs
-    about 50 µs per MAIL/RCPT. What the email parser does after the ``>`` is mirrored: after
-    an address it eats the blanks (``str.lstrip``: any Unicode white space once a SP or HT
-    starts it), after ``<>`` it eats nothing.
-    """
-    match = _PLAIN_ANGLE_ADDR.match(arg)
-    if match is None:
-        return None
-    rest = arg[match.end():]
-    address = match.group(1)
-    if address is None:
-        return "<>", rest
-    if "=?" in address:  # the email parser would try an encoded word here
-        return None
-    if rest[:1] in _BLANKS:
-        rest = rest.lstrip()
-    if rest[:1] == "(":  # a comment, which the email parser would eat too
-        return None
-    return address, rest
-
-
-_HOOK_PREFIXES = ("auth_", "handle_", "smtp_")
-
-
-def _prefixed(names: Iterable[str], prefix: str) -> dict[str, str]:
-    """aiosmtpd's ``{m.replace(prefix, ""): m for m in dir(obj) if m.startswith(prefix)}``."""
-    return {name.replace(prefix, ""): name for name in names if name.startswith(prefix)}
-
-
-def _has_own_hooks(obj: object) -> bool:
-    """True if obj's instance dict holds an ``auth_``/``handle_``/``smtp_`` name."""
-    own = getattr(obj, "__dict__", None)
-    return isinstance(own, dict) and any(
-        isinstance(name, str) and name.startswith(_HOOK_PREFIXES) for name in own)
-
-
-def _class_defined(obj: object, names: Iterable[str]) -> bool:
-    """True if ``dir(obj)`` and these names' values depend on obj's class alone."""
-    cls = type(obj)
-    if cls.__dir__ is not object.__dir__ or cls.__getattribute__ is not object.__getattribute__:
-        return False
-    return not _has_own_hooks(obj) and all(
-        isinstance(inspect.getattr_static(cls, name, None), types.FunctionType) for name in names)
-
-
-@dataclass(frozen=True)
-class HookTables:
-    """What aiosmtpd's ``SMTP.__init__`` finds by introspection, as attribute names.
-
-    aiosmtpd 1.4.6 runs ``inspect.getmembers`` and ``dir`` on the protocol and on the handler
-    for every connection (about 70 µs, a sixth of the relay's CPU at 2 KB). When every name
-    found is a plain function of the two classes (no instance attributes, no custom
-    ``__dir__``/``__getattribute__``), the names depend on the classes alone, so they are found
-    once per (protocol class, handler class) and each connection only binds them. Adding or
-    removing such a method on a class after its first connection is not seen.
-    """
-
-    auth: dict[str, tuple[str, bool]]  # mechanism -> (attribute, is built in), aiosmtpd's order
-    hooks: dict[str, str]  # command -> handler attribute
-    commands: dict[str, str]  # command -> protocol attribute
-    ehlo_params: int | None  # parameter count of the bound handle_EHLO; None without one
-    cacheable: bool
-
-    @classmethod
-    def discover(cls, smtp: SMTP, handler: Any) -> HookTables:
-        """Look the names up the way aiosmtpd does."""
-        auth: dict[str, tuple[str, bool]] = {}
-        for obj in (smtp, handler):
-            for name, member in inspect.getmembers(obj):
-                if name.startswith("auth_"):
-                    default = name.replace("auth_", "").replace("__", "-")
-                    auth[getattr(member, "__auth_mechanism_name__", default)] = (name, obj is smtp)
-        hooks = _prefixed(dir(handler), "handle_")
-        commands = _prefixed(dir(smtp), "smtp_")
-        ehlo = hooks.get("EHLO")
-        ehlo_params = None if ehlo is None else len(
-            inspect.signature(getattr(handler, ehlo)).parameters)
-        cacheable = _class_defined(
-            smtp, [n for n, builtin in auth.values() if builtin] + list(commands.values())
-        ) and _class_defined(
-            handler, [n for n, builtin in auth.values() if not builtin] + list(hooks.values()))
-        return cls(auth, hooks, commands, ehlo_params, cacheable)
-
-
-_TABLES: dict[tuple[type, type], HookTables] = {}
-
-
-def hook_tables(smtp: SMTP, handler: Any, smtp_plain: bool) -> HookTables:
-    """The tables for one connection; smtp_plain: smtp had no hook-like attribute of its own."""
-    key = (type(smtp), type(handler))
-    tables = _TABLES.get(key)
-    if tables is None or not smtp_plain or _has_own_hooks(handler):
-        tables = HookTables.discover(smtp, handler)
-        if tables.cacheable and smtp_plain:
-            _TABLES[key] = tables
-    return tables
-
 
 class ConnectionLimiter:
     """Caps concurrent SMTP sessions and drains them on shutdown; share one per listener set.
@@ -392,7 +155,7 @@ class RelaySMTP(SMTP):
             raise ValueError(f"bare_newline must be 'reject' or 'normalize', not {bare_newline!r}")
         if kwargs.get("decode_data"):
             raise ValueError("RelaySMTP keeps message content as bytes (decode_data=False)")
-        self._smtp_init(handler, smtp_plain=not _has_own_hooks(self), **kwargs)
+        self._smtp_init(handler, smtp_plain=not has_own_hooks(self), **kwargs)
         self.bare_newline: BareNewline = bare_newline
         self.in_data = False  # inside DATA: from the 354 until the final reply is written
         self._limiter = connection_limiter

@@ -277,15 +277,6 @@ class Database:
     async def schema_version(self) -> int:
         return await _schema_version(self._reader)
 
-    async def check_writable(self) -> bool:
-        """True when a write transaction can be opened and committed (for /healthz)."""
-        try:
-            async with self.write() as conn:
-                await conn.execute("PRAGMA user_version")
-        except (sqlite3.Error, OSError):
-            return False
-        return True
-
 
 def _run_isolated(conn: sqlite3.Connection, job: _Job) -> tuple[bool, Any]:
     """One function of a group commit under a savepoint: its failure must not fail the others."""

@@ -81,7 +81,7 @@ async def read_status(store: Store, now: float, window: float = DAY) -> StatusSn
 async def probe_writable(db: Database) -> bool:
     """True when a write transaction can be opened and committed on the daemon's own writer.
 
-    Unlike ``Database.check_writable`` this never cancels the ``BEGIN IMMEDIATE`` it started:
+    This never cancels the ``BEGIN IMMEDIATE`` it started:
     cancelling it (there after 5 s, while SQLite's busy timeout is 10 s) leaves the statement
     running in aiosqlite's thread, and if another process releases its lock in between, the
     writer connection stays inside a transaction nobody ends, so every later write fails with

@@ -27,7 +27,6 @@ import asyncio
 import json
 import os
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
@@ -37,25 +36,11 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from bench_relay import free_port, wait_port
+
 ROOT = Path(__file__).resolve().parents[1]
 SENDER, RCPT = "seller@shop.example", "buyer@example.net"
 TICK_MS = 1000 / os.sysconf("SC_CLK_TCK")
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def wait_port(port: int, timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        with socket.socket() as sock:
-            if sock.connect_ex(("127.0.0.1", port)) == 0:
-                return
-        time.sleep(0.05)
-    raise RuntimeError(f"nothing listens on 127.0.0.1:{port}")
 
 
 # ---- memory and CPU of a process tree ----------------------------------------------------------

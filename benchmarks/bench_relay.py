@@ -44,6 +44,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from bench_upstream import raw_sink_client  # the same minimal sink, counting here
+
 ROOT = Path(__file__).resolve().parents[1]
 SENDER = "seller@shop.example"
 PLAIN_RCPT = "customer@example.net"
@@ -225,31 +227,17 @@ class PostfixSink(CountingSink):
         self.proc.wait(10)
 
 
-async def _raw_client(reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
-                      counter: multiprocessing.Value) -> None:  # type: ignore[valid-type]
-    writer.write(b"220 rawsink ESMTP\r\n")
-    while line := await reader.readline():
-        verb = line[:4].upper()
-        if verb == b"EHLO":
-            writer.write(b"250-rawsink\r\n250-PIPELINING\r\n250-SIZE 104857600\r\n"
-                         b"250 8BITMIME\r\n")
-        elif verb == b"DATA":
-            writer.write(b"354 go\r\n")
-            await reader.readuntil(b"\r\n.\r\n")
-            with counter.get_lock():
-                counter.value += 1
-            writer.write(b"250 2.0.0 OK\r\n")
-        elif verb == b"QUIT":
-            writer.write(b"221 bye\r\n")
-            break
-        else:
-            writer.write(b"250 OK\r\n")
-    writer.close()
+def _count(counter: multiprocessing.Value) -> Callable[[], None]:  # type: ignore[valid-type]
+    def bump() -> None:
+        with counter.get_lock():
+            counter.value += 1
+
+    return bump
 
 
 def _raw_sink_main(port: int, counter: multiprocessing.Value) -> None:  # type: ignore[valid-type]
     async def serve() -> None:
-        server = await asyncio.start_server(lambda r, w: _raw_client(r, w, counter),
+        server = await asyncio.start_server(lambda r, w: raw_sink_client(r, w, _count(counter)),
                                             "127.0.0.1", port, limit=2**26)
         async with server:
             await server.serve_forever()

@@ -50,17 +50,21 @@ class _Discard:
         return "250 OK"
 
 
-async def _raw_sink_client(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+async def raw_sink_client(reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                          on_message: Callable[[], None] | None = None) -> None:
     """A minimal SMTP sink: chunked DATA reading, so the client side dominates."""
     writer.write(b"220 rawsink ESMTP\r\n")
     while line := await reader.readline():
         verb = line[:4].upper()
         if verb == b"EHLO":
-            writer.write(b"250-rawsink\r\n250-SIZE 33554432\r\n250 8BITMIME\r\n")
+            writer.write(b"250-rawsink\r\n250-PIPELINING\r\n250-SIZE 104857600\r\n"
+                         b"250 8BITMIME\r\n")
         elif verb == b"DATA":
             writer.write(b"354 go\r\n")
             await reader.readuntil(b"\r\n.\r\n")
-            writer.write(b"250 OK\r\n")
+            if on_message is not None:
+                on_message()
+            writer.write(b"250 2.0.0 OK\r\n")
         elif verb == b"QUIT":
             writer.write(b"221 bye\r\n")
             break
@@ -73,7 +77,7 @@ def _sink_main(kind: str, port_queue: multiprocessing.Queue) -> None:
     async def serve() -> None:
         loop = asyncio.get_running_loop()
         if kind == "raw":
-            server = await asyncio.start_server(_raw_sink_client, "127.0.0.1", 0, limit=2**26)
+            server = await asyncio.start_server(raw_sink_client, "127.0.0.1", 0, limit=2**26)
         else:
             server = await loop.create_server(
                 lambda: SMTPServer(_Discard(), hostname="sink", ident="sink"), "127.0.0.1", 0

@@ -39,7 +39,6 @@ from mailrelay.store import Store, StoreError
 from mailrelay.store.status import probe_writable
 
 log = get_logger("mailrelay.daemon")
-EX_SOFTWARE = 70
 EX_UNAVAILABLE = 69
 STATUS_INTERVAL = 10.0  # seconds between STATUS= updates (and after every IMAP pass)
 #: Read once at start (listeners, workers, upstream, metrics): a reload that changes one of

@@ -9,6 +9,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -63,8 +64,15 @@ def port_open(port: int) -> bool:
 class DaemonProcess:
     """``mailrelay run -c CONFIG`` in a subprocess, its output in a log file."""
 
-    def __init__(self, config_path: Path, env: dict[str, str] | None = None) -> None:
+    def __init__(self, config_path: Path, env: dict[str, str] | None = None,
+                 cwd: Path = ROOT, launcher: list[str] | None = None,
+                 preexec_fn: Callable[[], None] | None = None) -> None:
         self.config_path = config_path
+        self.cwd = cwd
+        # What runs ``mailrelay``: the interpreter by default, or a wrapper that prepares the
+        # process first (e.g. a memory protection) and then runs the same CLI.
+        self.launcher = launcher or [sys.executable, "-m", "mailrelay"]
+        self.preexec_fn = preexec_fn  # e.g. a resource limit set in the child
         self.port = smtp_port(config_path)
         self.log_path = config_path.parent / f"daemon-{time.monotonic_ns()}.log"
         self.env = {**os.environ, **(env or {})}
@@ -73,8 +81,9 @@ class DaemonProcess:
     def start(self, wait: bool = True) -> DaemonProcess:
         self._log = self.log_path.open("wb")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "mailrelay", "run", "-c", str(self.config_path)],
-            stdout=self._log, stderr=subprocess.STDOUT, cwd=ROOT, env=self.env,
+            [*self.launcher, "run", "-c", str(self.config_path)],
+            stdout=self._log, stderr=subprocess.STDOUT, cwd=self.cwd, env=self.env,
+            preexec_fn=self.preexec_fn,
         )
         if wait:
             self.wait_listening()

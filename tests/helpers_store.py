@@ -108,3 +108,9 @@ def blocklist_keys(db: Path) -> list[str]:
     """The blocklist as a fresh, independent reader sees it."""
     with contextlib.closing(sqlite3.connect(db)) as conn:
         return sorted(r[0] for r in conn.execute("SELECT buyer_key FROM blocklist"))
+
+
+def sql(db: Path, query: str, params: tuple[object, ...] = ()) -> list[tuple[object, ...]]:
+    """One query on a fresh, independent connection (what another process would see)."""
+    with contextlib.closing(sqlite3.connect(db)) as conn:
+        return conn.execute(query, params).fetchall()

@@ -10,11 +10,9 @@ import sys
 from pathlib import Path
 
 from daemon_helpers import ROOT, DaemonProcess, write_config
-from sink import Sink
-from test_relay_e2e import (  # shared helpers (not tests)
+from relay_helpers import (
     asubmit,
     cli,
-    daemons,  # noqa: F401  (fixture)
     message,
     queue_id,
     queue_json,
@@ -22,6 +20,7 @@ from test_relay_e2e import (  # shared helpers (not tests)
     wait_until,
     without_received,
 )
+from sink import Sink
 
 
 def rows(listing: str) -> dict[str, str]:
@@ -34,7 +33,7 @@ async def by_id(config: Path) -> dict[str, dict]:
 
 
 async def test_queue_commands_while_the_daemon_runs(
-    tmp_path: Path, sink: Sink, daemons: list[DaemonProcess]  # noqa: F811
+    tmp_path: Path, sink: Sink, daemons: list[DaemonProcess]
 ) -> None:
     """list/show/retry/delete against a running daemon's queue, as an operator uses them."""
     sink.handler.rcpt_replies = {"perm@example.test": "550 5.1.1 Unknown user",
@@ -104,7 +103,7 @@ CLI_ERRORS = [
 
 
 async def test_queue_command_errors_are_one_line_and_exit_1(
-    tmp_path: Path, sink: Sink, daemons: list[DaemonProcess]  # noqa: F811
+    tmp_path: Path, sink: Sink, daemons: list[DaemonProcess]
 ) -> None:
     """Unknown ids, retrying delivered mail and --raw of delivered mail: one clear line, exit 1."""
     config = write_config(tmp_path, sink.port)

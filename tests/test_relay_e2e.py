@@ -3,7 +3,7 @@
 Every test talks to the daemon over 127.0.0.1 on free ports, the way a mail client would
 (smtplib, aiosmtplib, raw sockets, swaks), and checks what a user checks: the SMTP replies,
 what arrives at the upstream sink byte for byte, and what `mailrelay queue` reports.
-The helpers at the top are also used by test_relay_process.py and test_cli_queue.py.
+Shared helpers are in relay_helpers.py; the `daemons` fixture is in conftest.py.
 """
 
 from __future__ import annotations
@@ -20,8 +20,7 @@ import socket
 import ssl
 import subprocess
 import sys
-import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -31,184 +30,24 @@ import aiosmtplib
 import pytest
 import trustme
 from daemon_helpers import ROOT, DaemonProcess, write_config
+from relay_helpers import (
+    CLIENT_NAME,
+    QUEUED_RE,
+    SENDER,
+    RawClient,
+    asubmit,
+    cli,
+    events,
+    message,
+    queue_id,
+    queue_json,
+    start,
+    wait_until,
+    without_received,
+)
 from sink import Sink, free_port
 
-SENDER = "seller@shop.test"
-CLIENT_NAME = "client.test"
-QUEUED_RE = re.compile(r"2\.0\.0 Ok: queued as ([0-9A-F]+)")
-
-
-# -- helpers shared with test_relay_process.py and test_cli_queue.py -------------------------
-
-
-def message(subject: str = "hello", body: bytes = b"Hello there.\r\n", *,
-            message_id: str | None = None) -> bytes:
-    """A small CRLF message."""
-    mid = message_id or f"<{time.monotonic_ns()}@shop.test>"
-    return (f"From: {SENDER}\r\nTo: someone@example.test\r\nSubject: {subject}\r\n"
-            f"Message-ID: {mid}\r\n\r\n").encode() + body
-
-
-async def cli(config: Path, *args: str, stdin: str | None = None,
-              cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
-    """Run ``mailrelay ARGS -c CONFIG`` as a user would, without blocking the event loop."""
-    return await asyncio.to_thread(
-        subprocess.run, [sys.executable, "-m", "mailrelay", *args, "-c", str(config)],
-        input=stdin, capture_output=True, text=True, timeout=60, cwd=cwd or ROOT,
-    )
-
-
-async def queue_json(config: Path, cwd: Path | None = None) -> list[dict[str, Any]]:
-    """``mailrelay queue list --all --json``, parsed."""
-    result = await cli(config, "queue", "list", "--all", "--json", cwd=cwd)
-    assert result.returncode == 0, result.stderr
-    return json.loads(result.stdout)
-
-
-def events(daemon: DaemonProcess, name: str | None = None) -> list[dict[str, Any]]:
-    """The daemon's JSON log lines (journald's ``<N>`` prefix removed), optionally one event."""
-    found = []
-    for line in daemon.output().splitlines():
-        start = line.find("{")
-        if start < 0:
-            continue
-        try:
-            record = json.loads(line[start:])
-        except ValueError:
-            continue
-        if name is None or record.get("event") == name:
-            found.append(record)
-    return found
-
-
-async def wait_until(check: Callable[[], Awaitable[Any] | Any], timeout: float = 10.0,
-                     interval: float = 0.05) -> Any:
-    """Poll ``check`` (sync or async) until it returns something truthy; return that."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = check()
-        if asyncio.iscoroutine(value):
-            value = await value
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"condition not met within {timeout}s")
-        await asyncio.sleep(interval)
-
-
-def submit(port: int, raw: bytes, rcpts: list[str], *, mail_from: str = SENDER,
-           options: tuple[str, ...] = ()) -> tuple[int, str]:
-    """One SMTP transaction with smtplib (blocking: call it in a thread); the final reply."""
-    with smtplib.SMTP("127.0.0.1", port, local_hostname=CLIENT_NAME, timeout=20) as client:
-        client.ehlo()
-        code, text = client.mail(mail_from, list(options))
-        if code != 250:
-            return code, text.decode()
-        for rcpt in rcpts:
-            code, text = client.rcpt(rcpt)
-            if code not in (250, 251):
-                return code, text.decode()
-        code, text = client.data(raw)
-        return code, text.decode()
-
-
-async def asubmit(port: int, raw: bytes, rcpts: list[str], **kwargs: Any) -> tuple[int, str]:
-    return await asyncio.to_thread(submit, port, raw, rcpts, **kwargs)
-
-
-def queue_id(reply: str) -> str:
-    match = QUEUED_RE.fullmatch(reply)
-    assert match, reply
-    return match[1]
-
-
-def without_received(data: bytes) -> tuple[bytes, bytes]:
-    """Split off the first header field (with its folded lines): (Received field, rest)."""
-    assert data.startswith(b"Received: "), data[:80]
-    end = 0
-    while True:
-        end = data.index(b"\r\n", end) + 2
-        if data[end:end + 1] not in (b" ", b"\t"):
-            return data[:end], data[end:]
-
-
-class RawClient:
-    """A bare asyncio SMTP client: sends exactly the bytes given, reads whole replies."""
-
-    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        self.reader = reader
-        self.writer = writer
-
-    @classmethod
-    async def connect(cls, port: int) -> RawClient:
-        reader, writer = await asyncio.open_connection("127.0.0.1", port)
-        return cls(reader, writer)
-
-    async def reply(self, timeout: float = 10.0) -> str:
-        """One (possibly multi-line) reply; "" when the server closed the connection."""
-        lines = []
-        async with asyncio.timeout(timeout):
-            while True:
-                line = await self.reader.readline()
-                if not line:
-                    return "".join(lines)
-                lines.append(line.decode())
-                if line[3:4] != b"-":
-                    return "".join(lines)
-
-    async def command(self, line: bytes) -> str:
-        self.writer.write(line + b"\r\n")
-        return await self.reply()
-
-    async def open_transaction(self, rcpts: list[str]) -> None:
-        """Greeting, EHLO, MAIL, RCPT..., DATA up to the 354."""
-        assert (await self.reply()).startswith("220")
-        assert (await self.command(b"EHLO " + CLIENT_NAME.encode())).startswith("250")
-        assert (await self.command(f"MAIL FROM:<{SENDER}>".encode())).startswith("250")
-        for rcpt in rcpts:
-            assert (await self.command(f"RCPT TO:<{rcpt}>".encode())).startswith("250")
-        assert (await self.command(b"DATA")).startswith("354")
-
-    def close(self) -> None:
-        self.writer.close()
-
-
-@pytest.fixture
-async def daemons() -> AsyncIterator[list[DaemonProcess]]:
-    """Daemons a test started (append them); stopped, or killed, at teardown."""
-    started: list[DaemonProcess] = []
-    yield started
-    for daemon in started:
-        if daemon.proc is not None and daemon.proc.poll() is None:
-            daemon.proc.kill()
-            await asyncio.to_thread(daemon.proc.wait, 10)
-
-
-async def start(daemons: list[DaemonProcess], config: Path, **kwargs: Any) -> DaemonProcess:
-    daemon = DaemonProcess(config, **kwargs)
-    daemons.append(daemon)
-    return await daemon.astart()
-
-
 # -- the trial config ------------------------------------------------------------------------
-
-
-class CwdDaemon(DaemonProcess):
-    """DaemonProcess run from another working directory (the trial config's relative paths)."""
-
-    def __init__(self, config_path: Path, cwd: Path) -> None:
-        super().__init__(config_path)
-        self.cwd = cwd
-
-    def start(self, wait: bool = True) -> DaemonProcess:
-        self._log = self.log_path.open("wb")
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "mailrelay", "run", "-c", str(self.config_path)],
-            stdout=self._log, stderr=subprocess.STDOUT, cwd=self.cwd, env=self.env,
-        )
-        if wait:
-            self.wait_listening()
-        return self
 
 
 async def test_trial_config_queues_into_outbox_and_queue_cli_knows_it(
@@ -221,7 +60,7 @@ async def test_trial_config_queues_into_outbox_and_queue_cli_knows_it(
     assert f"127.0.0.1:{port}" in text
     config = tmp_path / "config.yaml"
     config.write_text(text)
-    daemon = CwdDaemon(config, tmp_path)
+    daemon = DaemonProcess(config, cwd=tmp_path)
     daemons.append(daemon)
     await asyncio.to_thread(daemon.start)
 
@@ -611,31 +450,17 @@ async def test_max_connections_and_max_recipients(
 # -- a real storage fault --------------------------------------------------------------------
 
 
-class LimitedDaemon(DaemonProcess):
-    """A daemon whose files may not grow past ``fsize`` bytes (RLIMIT_FSIZE): writes fail EFBIG.
+def file_size_limit(fsize: int) -> Callable[[], None]:
+    """For the daemon's child process: files may not grow past ``fsize`` bytes (EFBIG).
 
     Python ignores SIGXFSZ, so SQLite sees a real write error, as on a full disk.
     """
-
-    def __init__(self, config_path: Path, fsize: int) -> None:
-        super().__init__(config_path)
-        self.fsize = fsize
-
-    def start(self, wait: bool = True) -> DaemonProcess:
+    def limit() -> None:
         import resource
 
-        def limit() -> None:
-            resource.setrlimit(resource.RLIMIT_FSIZE, (self.fsize, self.fsize))
+        resource.setrlimit(resource.RLIMIT_FSIZE, (fsize, fsize))
 
-        self._log = self.log_path.open("wb")
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "mailrelay", "run", "-c", str(self.config_path)],
-            stdout=self._log, stderr=subprocess.STDOUT, cwd=ROOT, env=self.env,
-            preexec_fn=limit,
-        )
-        if wait:
-            self.wait_listening()
-        return self
+    return limit
 
 
 async def test_storage_failure_answers_451_and_stores_nothing(
@@ -643,7 +468,7 @@ async def test_storage_failure_answers_451_and_stores_nothing(
 ) -> None:
     """A write the disk refuses gets 451 4.3.0 (never 500, never 250); smaller mail still works."""
     config = write_config(tmp_path, sink.port, smtp={"max_message_size": "8MiB"})
-    daemon = LimitedDaemon(config, 1024 * 1024)
+    daemon = DaemonProcess(config, preexec_fn=file_size_limit(1024 * 1024))
     daemons.append(daemon)
     await asyncio.to_thread(daemon.start)
     big = message("big", b"y" * 998 + b"\r\n") * 2000  # ~2 MB: the WAL cannot hold it

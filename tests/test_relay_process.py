@@ -16,22 +16,21 @@ from typing import Any
 
 import aiosmtplib
 from daemon_helpers import DaemonProcess, port_open, write_config
-from sink import Sink, SinkHandler, free_port
-from test_relay_e2e import (  # shared helpers (not tests)
+from relay_helpers import (
     SENDER,
     RawClient,
     asubmit,
-    daemons,  # noqa: F401  (fixture)
     message,
     queue_id,
     queue_json,
     start,
     without_received,
 )
+from sink import Sink, SinkHandler, free_port
 
 
 async def test_sigkill_after_250_before_upstream_is_reachable(
-    tmp_path: Path, daemons: list[DaemonProcess]  # noqa: F811
+    tmp_path: Path, daemons: list[DaemonProcess]
 ) -> None:
     """250 with the upstream down, kill -9, restart with the upstream up: the mail arrives."""
     port = free_port()  # the sink is not running yet
@@ -53,7 +52,7 @@ async def test_sigkill_after_250_before_upstream_is_reachable(
 
 
 async def test_sigterm_mid_data_waits_for_the_client(
-    tmp_path: Path, sink: Sink, daemons: list[DaemonProcess]  # noqa: F811
+    tmp_path: Path, sink: Sink, daemons: list[DaemonProcess]
 ) -> None:
     """SIGTERM mid-DATA: no new clients, but this one gets its 250, the mail arrives, exit 0."""
     config = write_config(tmp_path, sink.port, shutdown_timeout="5s")
@@ -82,7 +81,7 @@ async def test_sigterm_mid_data_waits_for_the_client(
 
 
 async def test_sigterm_with_a_stalled_client_exits_0_by_the_deadline(
-    tmp_path: Path, sink: Sink, daemons: list[DaemonProcess]  # noqa: F811
+    tmp_path: Path, sink: Sink, daemons: list[DaemonProcess]
 ) -> None:
     """A client that never finishes DATA is cut off at shutdown_timeout; nothing half-stored."""
     config = write_config(tmp_path, sink.port, shutdown_timeout="2s")
@@ -112,7 +111,7 @@ class SlowHandler(SinkHandler):
 
 
 async def test_fifty_concurrent_all_arrive_despite_sigkill(
-    tmp_path: Path, daemons: list[DaemonProcess]  # noqa: F811
+    tmp_path: Path, daemons: list[DaemonProcess]
 ) -> None:
     """50 concurrent clients, SIGKILL right after the last 250, restart: every one arrives."""
     sink = Sink()

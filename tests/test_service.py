@@ -19,7 +19,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -30,13 +30,13 @@ from daemon_helpers import ROOT, DaemonProcess, deep_merge, port_open, write_con
 from dovecot import DEFAULT_PASSWORD, DEFAULT_USER, DovecotServer
 from helpers_store import buyer
 from prometheus_client.parser import text_string_to_metric_families
-from sink import Sink, free_port
-from test_relay_e2e import (  # shared helpers (not tests)
+from relay_helpers import (
     asubmit,
     events,
     message,
     wait_until,
 )
+from sink import Sink, free_port
 
 from mailrelay.config import Config, parse_duration
 from mailrelay.daemon import STATUS_INTERVAL
@@ -123,15 +123,6 @@ def notify_socket(tmp_path: Path) -> Iterator[Any]:
         sock.close()
 
 
-@pytest.fixture
-async def daemons() -> AsyncIterator[list[DaemonProcess]]:
-    """Daemons a test started (append them); killed at teardown if still running."""
-    started: list[DaemonProcess] = []
-    yield started
-    for daemon in started:
-        if daemon.proc is not None and daemon.proc.poll() is None:
-            daemon.proc.kill()
-            await asyncio.to_thread(daemon.proc.wait, 10)
 
 
 # -- helpers ---------------------------------------------------------------------------------
@@ -481,7 +472,7 @@ async def test_relays_with_write_xor_execute_memory(
     the daemon with its C extensions (uvloop, argon2, sqlite) still relays and serves metrics."""
     port = free_port()
     config = write_config(tmp_path, sink.port, metrics={"listen": f"127.0.0.1:{port}"})
-    daemon = MdweDaemon(config)
+    daemon = DaemonProcess(config, launcher=[sys.executable, "-c", MDWE_WRAPPER])
     daemons.append(daemon)
     await daemon.astart()
     assert (await asubmit(daemon.port, message("w^x"), [OTHER]))[0] == 250
@@ -492,20 +483,6 @@ async def test_relays_with_write_xor_execute_memory(
 
 async def _delivered(port: int, count: int) -> bool:
     return value(await scrape(port), "mailrelay_messages_delivered_total") == count
-
-
-class MdweDaemon(DaemonProcess):
-    """``mailrelay run`` exec'd from a wrapper that first turns on PR_SET_MDWE."""
-
-    def start(self, wait: bool = True) -> DaemonProcess:
-        self._log = self.log_path.open("wb")
-        self.proc = subprocess.Popen(
-            [sys.executable, "-c", MDWE_WRAPPER, "run", "-c", str(self.config_path)],
-            stdout=self._log, stderr=subprocess.STDOUT, cwd=ROOT, env=self.env,
-        )
-        if wait:
-            self.wait_listening()
-        return self
 
 
 # -- the unit file ---------------------------------------------------------------------------

@@ -12,7 +12,6 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import aiosqlite
@@ -25,6 +24,7 @@ from helpers_store import (
     raw_message,
     run_cli,
     sha,
+    sql,
     write_config,
 )
 
@@ -41,24 +41,6 @@ from mailrelay.store.schema import SCHEMA_VERSION
 T0 = 1_700_000_000.0
 ORDER = "403-4565603-0457311"
 OTHER_ORDER = "171-1234567-7654321"
-
-
-@pytest.fixture
-def db_path(tmp_path: Path) -> Path:
-    return tmp_path / "state" / "mailrelay.db"
-
-
-@pytest.fixture
-async def store(db_path: Path) -> AsyncIterator[Store]:
-    opened = await Store.open(db_path)
-    yield opened
-    await opened.close()
-
-
-def sql(db: Path, query: str, params: tuple[object, ...] = ()) -> list[tuple[object, ...]]:
-    """Run one query on a fresh, independent connection (what another process would see)."""
-    with contextlib.closing(sqlite3.connect(db)) as conn:
-        return conn.execute(query, params).fetchall()
 
 
 def schema_of(db: Path) -> list[tuple[object, ...]]:

@@ -11,11 +11,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import sqlite3
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
-from helpers_store import buyer, new_message
+from helpers_store import buyer, new_message, sql
 
 from mailrelay.store import Store
 from mailrelay.store.queue import plan_attempt
@@ -24,24 +23,6 @@ from mailrelay.store.records import Attempt, MessageState, RelayedRecord
 T0 = 1_700_000_000.0
 ORDER = "403-4565603-0457311"
 FULL, NORMAL = 2, 1  # PRAGMA synchronous values
-
-
-@pytest.fixture
-def db_path(tmp_path: Path) -> Path:
-    return tmp_path / "state" / "mailrelay.db"
-
-
-@pytest.fixture
-async def store(db_path: Path) -> AsyncIterator[Store]:
-    opened = await Store.open(db_path)
-    yield opened
-    await opened.close()
-
-
-def sql(db: Path, query: str, params: tuple[object, ...] = ()) -> list[tuple[object, ...]]:
-    """One query on an independent connection (what another process sees)."""
-    with contextlib.closing(sqlite3.connect(db)) as conn:
-        return conn.execute(query, params).fetchall()
 
 
 def synchronous(conn: sqlite3.Connection) -> int:

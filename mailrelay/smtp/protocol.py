@@ -55,6 +55,7 @@ import aiosmtpd.smtp as stock
 import structlog
 from aiosmtpd.smtp import MISSING, SMTP, syntax
 
+from mailrelay.smtp import replies
 from mailrelay.smtp.data import (
     DataDecoder,
     DataResult,
@@ -74,10 +75,10 @@ log = structlog.get_logger("mailrelay.smtp")
 
 BareNewline = Literal["reject", "normalize"]
 
-REPLY_TOO_MANY_CONNECTIONS = "421 4.7.0 Too many connections, try again later"
-REPLY_SHUTTING_DOWN = "421 4.3.2 Service shutting down"
-REPLY_LOCAL_ERROR = "451 4.3.0 Temporary local error"
-REPLY_BARE_NEWLINE = "550 5.6.2 Bare CR or LF in message data not allowed"
+REPLY_TOO_MANY_CONNECTIONS = str(replies.TOO_MANY_CONNECTIONS)
+REPLY_SHUTTING_DOWN = str(replies.SHUTTING_DOWN)
+REPLY_LOCAL_ERROR = str(replies.LOCAL_ERROR)
+REPLY_BARE_NEWLINE = str(replies.BARE_NEWLINE)
 
 class ConnectionLimiter:
     """Caps concurrent SMTP sessions and drains them on shutdown; share one per listener set.

@@ -26,7 +26,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import sqlite3
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -198,10 +198,6 @@ class Database:
                 raise
             # Shielded: a cancelled SMTP session must not leave a half-finished commit behind.
             await asyncio.shield(self._writer.execute("COMMIT"))
-
-    async def run_write(self, work: Callable[[aiosqlite.Connection], Awaitable[T]]) -> T:
-        async with self.write() as conn:
-            return await work(conn)
 
     async def transact(self, fn: Callable[..., T], *args: Any, durable: bool = True) -> T:
         """Run ``fn(sqlite3_connection, *args)`` in a write transaction in the writer's thread.

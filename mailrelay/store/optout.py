@@ -13,6 +13,7 @@ from typing import Any
 
 import aiosqlite
 
+from mailrelay.policy.addresses import parse_buyer_address
 from mailrelay.store.db import Database
 from mailrelay.store.records import (
     PENDING_STATES,
@@ -25,8 +26,6 @@ from mailrelay.store.records import (
 
 
 def _marketplace(buyer_key: str) -> str:
-    from mailrelay.policy.addresses import parse_buyer_address
-
     parsed = parse_buyer_address(buyer_key)
     return parsed.marketplace if parsed else buyer_key.rsplit(".", 1)[-1].upper()
 

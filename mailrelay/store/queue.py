@@ -170,7 +170,8 @@ class QueueRepo:
         rows = await self.db.fetchall(
             f"SELECT {_COLUMNS} FROM queue {where} ORDER BY created LIMIT ?", (*params, limit)
         )
-        return [_message(r, await self._recipients(r["id"])) for r in rows]
+        recipients = await self._recipients_of([r["id"] for r in rows])
+        return [_message(r, recipients.get(r["id"], ())) for r in rows]
 
     async def get(self, queue_id: str, with_raw: bool = False) -> QueuedMessage | None:
         row = await self.db.fetchone(f"SELECT {_COLUMNS}, raw FROM queue WHERE id = ?",
@@ -178,13 +179,19 @@ class QueueRepo:
         if row is None:
             return None
         raw = bytes(row["raw"]) if with_raw and row["raw"] is not None else None
-        return _message(row, await self._recipients(queue_id), raw=raw)
+        recipients = await self._recipients_of([queue_id])
+        return _message(row, recipients.get(queue_id, ()), raw=raw)
 
-    async def _recipients(self, queue_id: str) -> tuple[RecipientRow, ...]:
-        rows = await self.db.fetchall(
-            "SELECT rcpt, state, buyer_key, class, last_error FROM queue_rcpt "
-            "WHERE queue_id = ? ORDER BY rowid", (queue_id,))
-        return tuple(RecipientRow(*tuple(r)) for r in rows)
+    async def _recipients_of(self, queue_ids: list[str]) -> dict[str, tuple[RecipientRow, ...]]:
+        """Recipients of many messages in one query (``queue list`` was one query a message)."""
+        found: dict[str, list[RecipientRow]] = {}
+        for chunk in (queue_ids[i:i + 500] for i in range(0, len(queue_ids), 500)):
+            rows = await self.db.fetchall(
+                "SELECT queue_id, rcpt, state, buyer_key, class, last_error FROM queue_rcpt "
+                f"WHERE queue_id IN ({','.join('?' * len(chunk))}) ORDER BY rowid", chunk)
+            for row in rows:
+                found.setdefault(row[0], []).append(RecipientRow(*tuple(row)[1:]))
+        return {queue_id: tuple(rows) for queue_id, rows in found.items()}
 
     async def retry(self, queue_ids: Sequence[str] | None, now: float) -> list[str]:
         """Make deferred or failed messages due now (``None``: every one of them)."""
